@@ -1,0 +1,153 @@
+"""`bench`: train on random tokens and report throughput, MFU, memory and first-step time."""
+
+from __future__ import annotations
+
+import dataclasses
+import resource
+import sys
+import time
+from typing import Any, Literal
+
+import torch
+
+from olmo_fn.config import DEFAULT_PRESET, PresetName
+from olmo_fn.errors import ConfigError
+from olmo_fn.graph.config import ModelConfig
+from olmo_fn.graph.flops import count_params, flops_per_token
+from olmo_fn.graph.model import AttentionBackend
+from olmo_fn.graph.presets import PRESETS
+from olmo_fn.io.batch import Batch
+from olmo_fn.io.instances import make_batch
+from olmo_fn.runtime import device_name, resolve_compile, resolve_device, resolve_dtype
+from olmo_fn.state.adamw import AdamWConfig
+from olmo_fn.state.schedule import ScheduleConfig
+from olmo_fn.state.train_state import init_train_state
+from olmo_fn.state.train_step import StepSettings, make_train_step
+
+FLOP_FORMULA = "6*N_matmul + 12*n_layers*n_heads*d_head*seq_len per token (attention not halved for causal)"
+
+# Dense bf16 tensor-core peaks (datasheet), by a substring of the device name.
+PEAK_BF16_TFLOPS = {"H100": 989.5, "H200": 989.5, "A100": 312.0}
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    """Train on random tokens for a few steps and print one JSON line of throughput figures."""
+
+    preset: PresetName = DEFAULT_PRESET
+    """Model size; --model.* options override single fields of it."""
+    model: ModelConfig = PRESETS[DEFAULT_PRESET]
+    seq_len: int = 256
+    micro_batch: int = 4
+    """Sequences per forward/backward pass."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    steps: int = 10
+    """Optimizer steps in all, warmup included."""
+    warmup: int = 2
+    """Leading steps left out of tokens_per_s (the first one is reported as first_step_s)."""
+    seed: int = 0
+    optim: AdamWConfig = AdamWConfig(implementation="fused")
+    document_masking: bool = True
+    attention_backend: AttentionBackend = "auto"
+    device: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    compile: Literal["auto", "on", "off"] = "auto"
+    peak_tflops: float | None = None
+    """Peak FLOP/s of the device in TFLOP/s for MFU; default: the bf16 datasheet peak of known GPUs."""
+
+    def __post_init__(self) -> None:
+        for name in ("seq_len", "micro_batch", "grad_accum", "steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"bench.{name}={getattr(self, name)} must be >= 1")
+        if not 0 < self.warmup < self.steps:
+            raise ConfigError(f"bench.warmup={self.warmup} must be between 1 and steps-1={self.steps - 1}")
+
+
+def _peak_flops(cfg: BenchConfig, device: torch.device, dtype: torch.dtype) -> float | None:
+    if cfg.peak_tflops is not None:
+        return cfg.peak_tflops * 1e12
+    if device.type != "cuda" or dtype != torch.bfloat16:
+        return None
+    name = device_name(device)
+    return next((tf * 1e12 for key, tf in PEAK_BF16_TFLOPS.items() if key in name), None)
+
+
+def _peak_mem_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # peak resident set size of the process
+    return kib / 2**20
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_bench(cfg: BenchConfig) -> dict[str, Any]:
+    """Run the benchmark; returns the figures that `main` prints as one JSON line."""
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    compiled = resolve_compile(cfg.compile, device)
+    batch_rows = cfg.micro_batch * cfg.grad_accum
+    settings = StepSettings(
+        model=cfg.model,
+        optim=cfg.optim,
+        schedule=ScheduleConfig(warmup_steps=1),
+        total_steps=cfg.steps,
+        micro_batch_size=cfg.micro_batch,
+        compute_dtype=dtype,
+        attention_backend=cfg.attention_backend,
+        document_masking=cfg.document_masking,
+        compile=compiled,
+    )
+    step_fn = make_train_step(settings)
+    state = init_train_state(cfg.model, seed=cfg.seed, device=device)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+
+    def random_batch() -> Batch:
+        tokens = torch.randint(
+            0, cfg.model.vocab_size, (batch_rows, cfg.seq_len), device=device, generator=gen
+        )
+        return make_batch(tokens, eos=-1)  # no document boundaries inside random rows
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    state, metrics = step_fn(state, random_batch())
+    _sync(device)
+    first_step_s = time.perf_counter() - t0
+    for _ in range(cfg.warmup - 1):
+        state, metrics = step_fn(state, random_batch())
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(cfg.steps - cfg.warmup):
+        state, metrics = step_fn(state, random_batch())
+    _sync(device)
+    step_s = (time.perf_counter() - t0) / (cfg.steps - cfg.warmup)
+
+    tokens_per_s = batch_rows * cfg.seq_len / step_s
+    flops = flops_per_token(cfg.model, cfg.seq_len)
+    peak = _peak_flops(cfg, device, dtype)
+    return {
+        "preset": cfg.preset,
+        "params": count_params(cfg.model),
+        "seq_len": cfg.seq_len,
+        "micro_batch": cfg.micro_batch,
+        "grad_accum": cfg.grad_accum,
+        "tokens_per_s": round(tokens_per_s, 1),
+        "mfu": None if peak is None else round(tokens_per_s * flops / peak, 4),
+        "flops_per_token": flops,
+        "flop_formula": FLOP_FORMULA,
+        "peak_tflops": None if peak is None else peak / 1e12,
+        "peak_mem_gib": round(_peak_mem_gib(device), 3),
+        "first_step_s": round(first_step_s, 3),
+        "step_s": round(step_s, 4),
+        "final_loss": round(float(metrics["loss"]), 4),
+        "device": device_name(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "compile": compiled,
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+    }

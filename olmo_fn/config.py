@@ -1,0 +1,154 @@
+"""`TrainConfig`: everything that defines a training run, as one frozen dataclass.
+
+The CLI (`olmo_fn.run`) is generated from it by tyro; notebooks build it directly. It is stored as
+``config.json`` in every run directory and can be read back with `config_from_json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import orjson
+
+from olmo_fn.errors import ConfigError
+from olmo_fn.graph.config import ModelConfig
+from olmo_fn.graph.model import AttentionBackend
+from olmo_fn.graph.presets import PRESETS
+from olmo_fn.io.loader import DataConfig
+from olmo_fn.state.adamw import AdamWConfig
+from olmo_fn.state.schedule import ScheduleConfig
+
+PresetName = Literal[tuple(PRESETS)]  # type: ignore[valid-type]
+DEFAULT_PRESET = "olmo2-tiny"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Train a language model. With no options: the tiny OLMo 2 on the embedded stdlib corpus (CPU, minutes).
+
+    Options can also start from a JSON file, --config FILE (e.g. a run's config.json); flags override it.
+    """
+
+    preset: PresetName = DEFAULT_PRESET
+    """Model size; --model.* options override single fields of it."""
+    model: ModelConfig = PRESETS[DEFAULT_PRESET]
+    data: DataConfig = DataConfig()
+    optim: AdamWConfig = AdamWConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    steps: int = 600
+    """Optimizer updates in the run."""
+    global_batch_size: int = 16
+    """Instances (sequences of data.seq_len tokens) per optimizer update."""
+    micro_batch_size: int | None = None
+    """Instances per forward/backward pass; gradients accumulate over global/micro passes. Default: global."""
+    seed: int = 0
+    """Seeds the parameter init and the data order."""
+    z_loss: float = 1e-5
+    """Weight of the z-loss term mean(logsumexp(logits)²); 0 disables it."""
+    max_grad_norm: float | None = 1.0
+    """Clip gradients to this global L2 norm; None only measures it."""
+    document_masking: bool = True
+    """Attend only within documents, and restart RoPE positions at each document."""
+    attention_backend: AttentionBackend = "auto"
+    """auto: FlexAttention on CUDA, SDPA with a dense mask elsewhere."""
+    device: str = "auto"
+    """auto: cuda when available, else cpu."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Compute dtype (parameters and optimizer state stay fp32). auto: bfloat16 on CUDA, float32 on CPU."""
+    compile: Literal["auto", "on", "off"] = "auto"
+    """Compile the transformer block with torch.compile (one graph for all layers). auto: on for CUDA."""
+    run_dir: str | None = None
+    """Where config.json, metrics.jsonl and checkpoints go. Default: runs/<preset>-<date>-<time>."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("steps", "global_batch_size"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name}={getattr(self, name)} must be >= 1")
+        micro = self.micro_batch_size
+        if micro is not None and micro < 1:
+            problems.append(f"micro_batch_size={micro} must be >= 1")
+        elif micro is not None and self.global_batch_size % micro:
+            problems.append(
+                f"global_batch_size={self.global_batch_size} is not a multiple of micro_batch_size={micro}"
+            )
+        if self.z_loss < 0:
+            problems.append(f"z_loss={self.z_loss} must be >= 0")
+        if problems:
+            raise ConfigError("invalid train config: " + "; ".join(problems))
+
+    @property
+    def micro_batch(self) -> int:
+        return self.micro_batch_size or self.global_batch_size
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """A JSON-ready dict of a config dataclass."""
+    return dataclasses.asdict(cfg)
+
+
+def config_fingerprint(cfg: TrainConfig) -> str:
+    """A short digest of every field that defines the run (the run directory excluded)."""
+    fields = config_to_dict(dataclasses.replace(cfg, run_dir=None))
+    return hashlib.blake2b(orjson.dumps(fields, option=orjson.OPT_SORT_KEYS), digest_size=8).hexdigest()
+
+
+def config_from_dict(cls: type, data: Any, where: str = "config") -> Any:
+    """Build dataclass `cls` from a dict such as ``config.json``, naming any unknown or mistyped field."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected an object, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown field(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}"
+        )
+    kwargs = {name: _from_json(hints[name], value, f"{where}.{name}") for name, value in data.items()}
+    return cls(**kwargs)
+
+
+def _from_json(hint: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return config_from_dict(hint, value, where)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(hint):
+            return None
+        options = [a for a in typing.get_args(hint) if a is not type(None)]
+        return _from_json(options[0], value, where) if len(options) == 1 else value
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return tuple(value)
+    if origin is Literal:
+        if value not in typing.get_args(hint):
+            raise ConfigError(
+                f"{where}: {value!r} is not one of {', '.join(map(repr, typing.get_args(hint)))}"
+            )
+        return value
+    if hint in _SCALARS:
+        if isinstance(value, bool) != (hint is bool) or not isinstance(value, _SCALARS[hint]):
+            raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}")
+        return hint(value)
+    return value
+
+
+_SCALARS = {bool: bool, int: int, float: (int, float), str: str}
+
+
+def config_from_json(path: str | Path) -> TrainConfig:
+    """Read a TrainConfig from a JSON file (e.g. a run's config.json)."""
+    path = Path(path)
+    try:
+        data = orjson.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except orjson.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+    return config_from_dict(TrainConfig, data, where=str(path))

@@ -1,0 +1,20 @@
+"""The exception families a user can meet. The CLI prints them without a traceback.
+
+Every message names the thing that is wrong (file, field, value) and what would be valid.
+"""
+
+
+class OlmoFnError(Exception):
+    """Base of every error olmo_fn raises on purpose."""
+
+
+class ConfigError(OlmoFnError):
+    """A configuration that cannot work: unknown preset, inconsistent sizes, bad option values."""
+
+
+class DataError(OlmoFnError):
+    """Input data that cannot be used as given: missing, empty, malformed or out-of-range files."""
+
+
+class CheckpointError(OlmoFnError):
+    """A checkpoint that cannot be written or read back as asked."""

@@ -1,0 +1,69 @@
+"""Multi-head and grouped-query self-attention with OLMo 2 QK-norm and RoPE."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import flex_attention
+
+from olmo_fn.graph.config import ModelConfig
+from olmo_fn.graph.norms import rms_norm
+from olmo_fn.graph.rope import apply_rope
+
+
+@functools.cache
+def _compiled_flex_attention():
+    # FlexAttention only becomes a fused kernel when compiled; inside an already compiled block this
+    # call is inlined into that graph.
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any) -> torch.Tensor:
+    """Scaled dot-product attention, softmax scale 1/sqrt(d_head).
+
+    q: (batch, n_heads, seq, d_head); k, v: (batch, n_kv_heads, seq, d_head), n_kv_heads dividing
+    n_heads. `mask` selects the backend: ``None`` plain causal (SDPA), a bool tensor broadcastable to
+    (batch, n_heads, seq, seq) with True = attend (SDPA), or a FlexAttention ``BlockMask`` (flex).
+    Returns (batch, n_heads, seq, d_head).
+    """
+    gqa = q.shape[1] != k.shape[1]
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    if isinstance(mask, torch.Tensor):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    flex = _compiled_flex_attention() if q.is_cuda else flex_attention
+    return flex(q, k, v, block_mask=mask, enable_gqa=gqa)
+
+
+def attention(
+    p: Mapping[str, torch.Tensor],
+    x: torch.Tensor,
+    rope: tuple[torch.Tensor, torch.Tensor],
+    mask: Any,
+    cfg: ModelConfig,
+) -> torch.Tensor:
+    """Self-attention sublayer (no residual, no output norm).
+
+    p: ``w_q, w_k, w_v, w_out`` and, with ``cfg.qk_norm``, ``q_norm, k_norm`` (see param_tree).
+    x: (batch, seq, d_model); rope: fp32 (cos, sin) from `rope_tables`; mask: as for `attend`.
+    QK-norm normalizes the whole q and k projections before they are split into heads.
+    Returns (batch, seq, d_model).
+    """
+    batch, seq, _ = x.shape
+    q = x @ p["w_q"].T
+    k = x @ p["w_k"].T
+    v = x @ p["w_v"].T
+    if cfg.qk_norm:
+        q = rms_norm(q, p["q_norm"], cfg.norm_eps)
+        k = rms_norm(k, p["k_norm"], cfg.norm_eps)
+    q = q.view(batch, seq, cfg.n_heads, cfg.d_head)
+    k = k.view(batch, seq, cfg.n_kv_heads, cfg.d_head)
+    v = v.view(batch, seq, cfg.n_kv_heads, cfg.d_head)
+    cos, sin = rope
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
+    return out.transpose(1, 2).reshape(batch, seq, cfg.n_heads * cfg.d_head) @ p["w_out"].T

@@ -1,0 +1,85 @@
+"""The decoder as a pure function: token ids and a parameter tree in, logits or losses out."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+
+from olmo_fn.graph.block import reordered_norm_block
+from olmo_fn.graph.config import ModelConfig
+from olmo_fn.graph.loss import IGNORE_INDEX, cross_entropy_sums
+from olmo_fn.graph.masks import document_block_mask, document_causal_mask
+from olmo_fn.graph.norms import rms_norm
+from olmo_fn.graph.rope import rope_tables
+
+AttentionBackend = Literal["auto", "sdpa", "flex"]
+BlockFn = Callable[
+    [Mapping[str, Any], torch.Tensor, tuple[torch.Tensor, torch.Tensor], Any, ModelConfig], torch.Tensor
+]
+
+
+def attention_mask(doc_ids: torch.Tensor | None, backend: AttentionBackend) -> Any:
+    """The mask object `attend` takes: None (plain causal) without document ids, else a document mask.
+
+    backend "auto" picks FlexAttention on CUDA and SDPA with a dense boolean mask elsewhere.
+    """
+    if doc_ids is None:
+        return None
+    if backend == "auto":
+        backend = "flex" if doc_ids.is_cuda else "sdpa"
+    if backend == "flex":
+        return document_block_mask(doc_ids)
+    return document_causal_mask(doc_ids)
+
+
+def hidden_states(
+    params: Mapping[str, Any],
+    input_ids: torch.Tensor,
+    cfg: ModelConfig,
+    *,
+    positions: torch.Tensor | None = None,
+    doc_ids: torch.Tensor | None = None,
+    backend: AttentionBackend = "auto",
+    block_fn: BlockFn = reordered_norm_block,
+) -> torch.Tensor:
+    """Embedding and every block present in ``params["blocks"]``, in layer order.
+
+    input_ids: (batch, seq) int. positions: (batch, seq) int RoPE positions, default ``0..seq-1``
+    (pass per-document positions to restart RoPE at each document). doc_ids: (batch, seq) int,
+    non-decreasing; with them attention is causal within documents, without them plainly causal.
+    Returns (batch, seq, d_model) in the parameters' dtype, before the final norm.
+    """
+    if positions is None:
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+    rope = rope_tables(positions, cfg.d_head, cfg.rope_theta)
+    mask = attention_mask(doc_ids, backend)
+    x = F.embedding(input_ids, params["embeddings"])
+    blocks = params["blocks"]
+    for key in sorted(blocks.keys(), key=int):
+        x = block_fn(blocks[key], x, rope, mask, cfg)
+    return x
+
+
+def lm_head(p: Mapping[str, torch.Tensor], h: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """Final RMSNorm and output projection: (batch, seq, d_model) -> logits (batch, seq, vocab_size)."""
+    return rms_norm(h, p["norm"], cfg.norm_eps) @ p["w_out"].T
+
+
+def logits(params: Mapping[str, Any], input_ids: torch.Tensor, cfg: ModelConfig, **kwargs) -> torch.Tensor:
+    """Logits (batch, seq, vocab_size); keyword arguments as for `hidden_states`."""
+    return lm_head(params["lm_head"], hidden_states(params, input_ids, cfg, **kwargs), cfg)
+
+
+def loss_sums(
+    params: Mapping[str, Any],
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    cfg: ModelConfig,
+    ignore_index: int = IGNORE_INDEX,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(ce_sum, z_sum, n_targets)`` of `cross_entropy_sums` for the model's logits on one batch."""
+    return cross_entropy_sums(logits(params, input_ids, cfg, **kwargs), labels, ignore_index)

@@ -1,0 +1,80 @@
+"""The parameter tree: its paths and shapes, and conversions between nested and dotted forms.
+
+Paths follow OLMo-core's names (without its ``.weight`` suffix) so checkpoints and the Hugging Face
+mapping translate key by key::
+
+    embeddings                                  (vocab_size, d_model)
+    blocks.{i}.attention.w_q                    (n_heads * d_head, d_model)
+    blocks.{i}.attention.w_k / w_v              (n_kv_heads * d_head, d_model)
+    blocks.{i}.attention.w_out                  (d_model, n_heads * d_head)
+    blocks.{i}.attention.q_norm                 (n_heads * d_head,)      [qk_norm]
+    blocks.{i}.attention.k_norm                 (n_kv_heads * d_head,)   [qk_norm]
+    blocks.{i}.attention_norm                   (d_model,)
+    blocks.{i}.feed_forward.w1 / w3             (mlp_hidden, d_model)    gate / up
+    blocks.{i}.feed_forward.w2                  (d_model, mlp_hidden)    down
+    blocks.{i}.feed_forward_norm                (d_model,)
+    lm_head.norm                                (d_model,)
+    lm_head.w_out                               (vocab_size, d_model)
+
+Matrices are stored ``(out, in)`` like ``torch.nn.Linear`` weights. Each layer is its own subtree
+(no stacked layer axis), so pipeline stages are slices of ``blocks`` and every layer reuses one
+compiled block graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from tensordict import TensorDict
+
+from olmo_fn.graph.config import ModelConfig
+
+
+def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Dotted path -> shape of every parameter, in a fixed order."""
+    d, h = cfg.d_model, cfg.d_head
+    q_dim, kv_dim = cfg.n_heads * h, cfg.n_kv_heads * h
+    shapes: dict[str, tuple[int, ...]] = {"embeddings": (cfg.vocab_size, d)}
+    for i in range(cfg.n_layers):
+        b = f"blocks.{i}"
+        shapes[f"{b}.attention.w_q"] = (q_dim, d)
+        shapes[f"{b}.attention.w_k"] = (kv_dim, d)
+        shapes[f"{b}.attention.w_v"] = (kv_dim, d)
+        shapes[f"{b}.attention.w_out"] = (d, q_dim)
+        if cfg.qk_norm:
+            shapes[f"{b}.attention.q_norm"] = (q_dim,)
+            shapes[f"{b}.attention.k_norm"] = (kv_dim,)
+        shapes[f"{b}.attention_norm"] = (d,)
+        shapes[f"{b}.feed_forward.w1"] = (cfg.mlp_hidden, d)
+        shapes[f"{b}.feed_forward.w2"] = (d, cfg.mlp_hidden)
+        shapes[f"{b}.feed_forward.w3"] = (cfg.mlp_hidden, d)
+        shapes[f"{b}.feed_forward_norm"] = (d,)
+    shapes["lm_head.norm"] = (d,)
+    shapes["lm_head.w_out"] = (cfg.vocab_size, d)
+    return shapes
+
+
+def flatten(tree: TensorDict | Mapping) -> dict[str, torch.Tensor]:
+    """Nested tree -> ``{dotted path: tensor}``."""
+    if isinstance(tree, TensorDict):
+        return dict(tree.flatten_keys(".").items())
+    out: dict[str, torch.Tensor] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping | TensorDict):
+            out.update({f"{key}.{k}": v for k, v in flatten(value).items()})
+        else:
+            out[key] = value
+    return out
+
+
+def unflatten(flat: Mapping[str, torch.Tensor]) -> TensorDict:
+    """``{dotted path: tensor}`` -> nested TensorDict (no batch dimensions)."""
+    nested: dict = {}
+    for path, value in flat.items():
+        node = nested
+        *parents, leaf = path.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return TensorDict(nested, batch_size=[])

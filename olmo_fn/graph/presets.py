@@ -1,0 +1,49 @@
+"""Named model sizes: every OLMo 2 size and a tiny model that trains on a laptop CPU."""
+
+from __future__ import annotations
+
+from olmo_fn.errors import ConfigError
+from olmo_fn.graph.config import ModelConfig
+
+DOLMA2_VOCAB = 100_352
+"""The dolma2 tokenizer's 100,278 entries padded to a multiple of 128."""
+
+
+def _olmo2(d_model: int, n_layers: int, n_heads: int, n_kv_heads: int, mlp_hidden: int) -> ModelConfig:
+    return ModelConfig(
+        d_model=d_model,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        n_kv_heads=n_kv_heads,
+        mlp_hidden=mlp_hidden,
+        vocab_size=DOLMA2_VOCAB,
+    )
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # 1.0 M params; the byte-level vocab (256 bytes + EOS + PAD) padded to 384.
+    "olmo2-tiny": ModelConfig(
+        d_model=128, n_layers=4, n_heads=4, n_kv_heads=4, mlp_hidden=384, vocab_size=384
+    ),
+    "olmo2-14m": _olmo2(128, 4, 8, 8, 512),
+    "olmo2-30m": _olmo2(256, 4, 8, 8, 768),
+    "olmo2-60m": _olmo2(384, 8, 8, 8, 1536),
+    "olmo2-100m": _olmo2(512, 12, 8, 8, 2048),
+    "olmo2-190m": _olmo2(768, 12, 12, 12, 3072),
+    "olmo2-370m": _olmo2(1024, 16, 16, 16, 4096),
+    "olmo2-600m": _olmo2(1344, 16, 16, 16, 5376),
+    "olmo2-760m": _olmo2(1536, 16, 16, 16, 6144),
+    "olmo2-1b": _olmo2(2048, 18, 16, 16, 8192),
+    "olmo2-3b": _olmo2(3328, 16, 16, 16, 13312),
+    "olmo2-7b": _olmo2(4096, 32, 32, 32, 11008),
+    "olmo2-13b": _olmo2(5120, 40, 40, 40, 13824),
+    "olmo2-32b": _olmo2(5120, 64, 40, 8, 27648),
+}
+
+
+def get_preset(name: str) -> ModelConfig:
+    """The preset called `name`; a ConfigError listing the valid names otherwise."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ConfigError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}") from None

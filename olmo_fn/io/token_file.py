@@ -1,0 +1,57 @@
+"""OLMo-core token files: raw, headerless arrays of token ids (uint16 or uint32), documents ended by EOS.
+
+Despite the customary ``.npy`` suffix there is no numpy header; the dtype is not stored in the file,
+so it comes from the configuration or from the vocabulary size (uint16 when every id fits).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from olmo_fn.errors import DataError
+
+TOKEN_DTYPES = {"uint16": np.dtype(np.uint16), "uint32": np.dtype(np.uint32)}
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The narrowest token-file dtype that holds ids ``0 .. vocab_size - 1``."""
+    return TOKEN_DTYPES["uint16"] if vocab_size <= 2**16 else TOKEN_DTYPES["uint32"]
+
+
+def open_token_file(path: str | os.PathLike, dtype: np.dtype) -> np.memmap:
+    """Memory-map a token file read-only, after checking that it exists, is non-empty and whole."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: token file not found")
+    if not path.is_file():
+        raise DataError(f"{path}: not a regular file (expected a raw token array)")
+    size = path.stat().st_size
+    if size == 0:
+        raise DataError(f"{path}: token file is empty")
+    if size % dtype.itemsize:
+        raise DataError(
+            f"{path}: size {size} bytes is not a multiple of {dtype.itemsize} ({dtype.name}); "
+            "the file is truncated or the dtype is wrong (set data.dtype)"
+        )
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
+def write_token_file(path: str | os.PathLike, tokens: np.ndarray) -> Path:
+    """Write `tokens` as a raw token file, atomically: a crash never leaves a partial file at `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(np.ascontiguousarray(tokens).tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,131 @@
+"""Functional AdamW (decoupled weight decay) over the leaves of a parameter tree.
+
+`adamw_update` has the arithmetic of ``torch.optim.AdamW``; it runs as ``torch._foreach_*`` kernels
+or as the fused ``torch._fused_adamw_`` kernel, one call per weight-decay group. It updates the
+parameter and moment buffers in place and returns them: callers treat the inputs as consumed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from typing import Literal
+
+import torch
+from tensordict import TensorDict
+
+from olmo_fn.errors import ConfigError
+from olmo_fn.graph.param_tree import flatten
+
+
+@dataclasses.dataclass(frozen=True)
+class AdamWConfig:
+    """AdamW hyper-parameters."""
+
+    lr: float = 4e-3
+    """Peak learning rate (the schedule scales it)."""
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    """Decoupled weight decay, applied as ``param *= 1 - lr * weight_decay``."""
+    no_decay: tuple[str, ...] = ("embeddings", "*norm")
+    """Glob patterns over dotted parameter paths that get no weight decay."""
+    implementation: Literal["foreach", "fused"] = "foreach"
+    """``foreach``: multi-tensor kernels; ``fused``: one fused AdamW kernel per group."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not self.lr >= 0:
+            problems.append(f"optim.lr={self.lr!r} must be >= 0")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                problems.append(f"optim.{name}={getattr(self, name)!r} must be in [0, 1)")
+        if not self.eps > 0:
+            problems.append(f"optim.eps={self.eps!r} must be > 0")
+        if not self.weight_decay >= 0:
+            problems.append(f"optim.weight_decay={self.weight_decay!r} must be >= 0")
+        if problems:
+            raise ConfigError("invalid optimizer config: " + "; ".join(problems))
+
+
+def init_adamw_state(params: TensorDict) -> TensorDict:
+    """Zero first and second moments, fp32, shaped and placed like the parameters."""
+    zeros = params.apply(lambda t: torch.zeros_like(t, dtype=torch.float32, requires_grad=False))
+    return TensorDict({"exp_avg": zeros, "exp_avg_sq": zeros.clone()}, batch_size=[])
+
+
+def decays(path: str, cfg: AdamWConfig) -> bool:
+    """Whether the parameter at dotted `path` gets weight decay."""
+    return not any(fnmatch.fnmatchcase(path, pattern) for pattern in cfg.no_decay)
+
+
+@torch.no_grad()
+def adamw_update(
+    params: TensorDict,
+    grads: dict[str, torch.Tensor],
+    opt_state: TensorDict,
+    *,
+    step: int,
+    lr: float,
+    cfg: AdamWConfig,
+) -> tuple[TensorDict, TensorDict]:
+    """Apply AdamW update number `step` (1-based, for bias correction) with learning rate `lr`.
+
+    grads: dotted path -> gradient, for every parameter. Returns ``(params, opt_state)``: the same
+    tensors, updated in place.
+    """
+    flat_p = flatten(params)
+    flat_m = flatten(opt_state["exp_avg"])
+    flat_v = flatten(opt_state["exp_avg_sq"])
+    groups: dict[bool, list[str]] = {True: [], False: []}
+    for path in flat_p:
+        groups[decays(path, cfg)].append(path)
+    for decay, paths in groups.items():
+        if not paths:
+            continue
+        update = _fused if cfg.implementation == "fused" else _foreach
+        update(
+            [flat_p[k] for k in paths],
+            [grads[k] for k in paths],
+            [flat_m[k] for k in paths],
+            [flat_v[k] for k in paths],
+            step=step,
+            lr=lr,
+            weight_decay=cfg.weight_decay if decay else 0.0,
+            cfg=cfg,
+        )
+    return params, opt_state
+
+
+def _foreach(p, g, m, v, *, step, lr, weight_decay, cfg):
+    bias1 = 1 - cfg.beta1**step
+    bias2_sqrt = (1 - cfg.beta2**step) ** 0.5
+    if weight_decay:
+        torch._foreach_mul_(p, 1 - lr * weight_decay)
+    torch._foreach_lerp_(m, g, 1 - cfg.beta1)
+    torch._foreach_mul_(v, cfg.beta2)
+    torch._foreach_addcmul_(v, g, g, 1 - cfg.beta2)
+    denom = torch._foreach_sqrt(v)
+    torch._foreach_div_(denom, bias2_sqrt)
+    torch._foreach_add_(denom, cfg.eps)
+    torch._foreach_addcdiv_(p, m, denom, -lr / bias1)
+
+
+def _fused(p, g, m, v, *, step, lr, weight_decay, cfg):
+    steps = [torch.tensor(float(step), device=t.device) for t in p]
+    torch._fused_adamw_(
+        p,
+        g,
+        m,
+        v,
+        [],
+        steps,
+        lr=lr,
+        beta1=cfg.beta1,
+        beta2=cfg.beta2,
+        weight_decay=weight_decay,
+        eps=cfg.eps,
+        amsgrad=False,
+        maximize=False,
+    )

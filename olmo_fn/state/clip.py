@@ -1,0 +1,19 @@
+"""Gradient clipping by global norm."""
+
+from __future__ import annotations
+
+import torch
+
+
+@torch.no_grad()
+def clip_by_global_norm(grads: list[torch.Tensor], max_norm: float | None) -> torch.Tensor:
+    """Scale `grads` in place so their joint L2 norm is at most `max_norm`; return the norm before.
+
+    Matches ``torch.nn.utils.clip_grad_norm_``: scale ``min(1, max_norm / (norm + 1e-6))``.
+    `max_norm` None (or <= 0) only measures. The norm is an fp32 0-dim tensor (no host sync).
+    """
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, dtype=torch.float32)))
+    if max_norm is not None and max_norm > 0:
+        scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        torch._foreach_mul_(grads, scale)
+    return norm

@@ -1,0 +1,42 @@
+"""Learning-rate schedules: linear warmup, then cosine, linear or no decay."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+from olmo_fn.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduleConfig:
+    """How the learning rate moves from 0 to the peak and back down over the run."""
+
+    warmup_steps: int = 50
+    """Steps of linear warmup; update k (0-based) gets ``peak * (k + 1) / warmup_steps``."""
+    decay: Literal["cosine", "linear", "constant"] = "cosine"
+    """Shape of the decay from the peak to ``min_lr_ratio * peak`` at the last step."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of the peak."""
+
+    def __post_init__(self) -> None:
+        if self.warmup_steps < 0:
+            raise ConfigError(f"schedule.warmup_steps={self.warmup_steps} must be >= 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"schedule.min_lr_ratio={self.min_lr_ratio!r} must be in [0, 1]")
+
+
+def lr_at(step: int, *, peak: float, cfg: ScheduleConfig, total_steps: int) -> float:
+    """Learning rate of update `step` (0-based) in a run of `total_steps` updates."""
+    if step < cfg.warmup_steps:
+        return peak * (step + 1) / cfg.warmup_steps
+    if cfg.decay == "constant":
+        return peak
+    final = peak * cfg.min_lr_ratio
+    # progress runs from 0 at the first update after warmup to 1 at the last update of the run.
+    progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps - 1)
+    progress = min(1.0, progress)
+    if cfg.decay == "linear":
+        return peak + (final - peak) * progress
+    return final + (peak - final) * 0.5 * (1 + math.cos(math.pi * progress))
