@@ -125,7 +125,9 @@ def _from_json(hint: Any, value: Any, where: str) -> Any:
     if origin is tuple:
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
-        return tuple(value)
+        args = typing.get_args(hint)
+        item = args[0] if len(args) == 2 and args[1] is Ellipsis else None
+        return tuple(v if item is None else _from_json(item, v, f"{where}[{i}]") for i, v in enumerate(value))
     if origin is Literal:
         if value not in typing.get_args(hint):
             raise ConfigError(

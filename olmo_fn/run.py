@@ -68,7 +68,7 @@ def _defaults(command: str | None, args: list[str]) -> dict[str, object]:
 def parse(argv: Sequence[str]) -> TrainConfig | BenchConfig:
     """The config that `argv` (without the program name) asks for."""
     args = list(argv)
-    command = args[0] if args and not args[0].startswith("-") else None
+    command = next((a for a in args if a in ("train", "bench")), None)
     defaults = _defaults(command, args)
     commands = Union[  # noqa: UP007 (tyro reads the Union)
         Annotated[TrainConfig, tyro.conf.subcommand("train", default=defaults["train"])],

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from datetime import datetime
 from pathlib import Path
 
@@ -100,7 +99,5 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
         while pending:
             record(*pending.pop(0))
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*assuming the intent is to")
-        save_checkpoint(run_dir / "checkpoints" / f"step{state.step}", state, config_json)
+    save_checkpoint(run_dir / "checkpoints" / f"step{state.step}", state, config_json)
     return run_dir

@@ -13,11 +13,12 @@ def cross_entropy_sums(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Summed losses over the target positions, for normalising by a whole batch's target count.
 
-    logits: (..., vocab) any float dtype, upcast to fp32; labels: (...) int, `ignore_index` = no target.
+    logits: (..., vocab) any float dtype, computed in at least fp32; labels: (...) int, with
+    `ignore_index` where there is no target.
     Returns fp32 scalars ``(ce_sum, z_sum, n_targets)``: the sum of ``logsumexp(logits) - logit[label]``,
     the sum of ``logsumexp(logits)²`` (z-loss), and the number of targets.
     """
-    logits = logits.float()
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     valid = labels != ignore_index
     lse = torch.logsumexp(logits, dim=-1)
     target = logits.gather(-1, torch.where(valid, labels, 0)[..., None]).squeeze(-1)

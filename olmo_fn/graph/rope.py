@@ -21,9 +21,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Rotate pairs ``(x[..., i], x[..., i + d/2])`` by the table's angles.
 
     x: (batch, seq, heads, d_head) any float dtype; cos/sin: (batch, seq, d_head // 2) fp32.
-    Computed in fp32, returned in x's dtype.
+    Computed in fp32 (fp64 for fp64 inputs), returned in x's dtype.
     """
-    x32 = x.float()
-    x1, x2 = x32.chunk(2, dim=-1)
+    x1, x2 = x.to(torch.promote_types(x.dtype, torch.float32)).chunk(2, dim=-1)
     c, s = cos[:, :, None, :], sin[:, :, None, :]
     return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)

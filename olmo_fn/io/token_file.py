@@ -41,12 +41,18 @@ def open_token_file(path: str | os.PathLike, dtype: np.dtype) -> np.memmap:
 
 
 def write_token_file(path: str | os.PathLike, tokens: np.ndarray) -> Path:
-    """Write `tokens` as a raw token file, atomically: a crash never leaves a partial file at `path`."""
+    """Write `tokens` (uint16 or uint32) as a raw token file, atomically: a crash never leaves a partial
+    file at `path`. The file gets the usual permissions (0666 less the umask)."""
     path = Path(path)
+    if tokens.dtype not in TOKEN_DTYPES.values():
+        raise DataError(f"{path}: token arrays are uint16 or uint32, got {tokens.dtype}")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.fchmod(f.fileno(), 0o666 & ~umask)
             f.write(np.ascontiguousarray(tokens).tobytes())
             f.flush()
             os.fsync(f.fileno())

@@ -50,8 +50,10 @@ class AdamWConfig:
 
 
 def init_adamw_state(params: TensorDict) -> TensorDict:
-    """Zero first and second moments, fp32, shaped and placed like the parameters."""
-    zeros = params.apply(lambda t: torch.zeros_like(t, dtype=torch.float32, requires_grad=False))
+    """Zero first and second moments, shaped and placed like the parameters, in at least fp32."""
+    zeros = params.apply(
+        lambda t: torch.zeros_like(t, dtype=torch.promote_types(t.dtype, torch.float32), requires_grad=False)
+    )
     return TensorDict({"exp_avg": zeros, "exp_avg_sq": zeros.clone()}, batch_size=[])
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,8 @@ import orjson
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
 
 import olmo_fn
 from olmo_fn.errors import CheckpointError
@@ -25,6 +28,7 @@ from olmo_fn.graph.param_tree import flatten
 from olmo_fn.state.train_state import TrainState
 
 MANIFEST = "manifest.json"
+_SINGLE_PROCESS_WARNING = ".*assuming the intent is to (save|load) in a single process"
 FORMAT_VERSION = 1
 
 
@@ -48,7 +52,9 @@ def save_checkpoint(directory: str | os.PathLike, state: TrainState, config: dic
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     tensors = _tensors(state)
-    dcp.save(tensors, checkpoint_id=tmp, no_dist=_single_process())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_SINGLE_PROCESS_WARNING)
+        dcp.save(tensors, checkpoint_id=tmp, no_dist=_single_process())
     flat = flatten(tensors)
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -88,11 +94,13 @@ def load_checkpoint(directory: str | os.PathLike, template: TrainState) -> Train
     directory = Path(directory)
     manifest = read_manifest(directory)
     tensors = _tensors(template)
+    _check_shapes(directory, flatten(tensors))
     try:
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_SINGLE_PROCESS_WARNING)
             dcp.load(tensors, checkpoint_id=directory, no_dist=_single_process())
-    except Exception as exc:  # DCP raises several types for missing/mismatched tensors
-        raise CheckpointError(f"{directory}: cannot load checkpoint into this model: {exc}") from exc
+    except (Exception, CheckpointException) as exc:  # CheckpointException is a BaseException
+        raise CheckpointError(f"{directory}: cannot read checkpoint tensors: {_last_line(exc)}") from exc
     return dataclasses.replace(
         template,
         step=manifest["step"],
@@ -100,6 +108,35 @@ def load_checkpoint(directory: str | os.PathLike, template: TrainState) -> Train
         data_cursor=manifest["data_cursor"],
         config_fingerprint=manifest["config_fingerprint"],
     )
+
+
+def _check_shapes(directory: Path, expected: dict[str, torch.Tensor]) -> None:
+    """Compare the checkpoint's tensor names and shapes with the model's, naming every difference."""
+    try:
+        saved = FileSystemReader(directory).read_metadata().state_dict_metadata
+    except Exception as exc:
+        raise CheckpointError(f"{directory}: cannot read the DCP metadata: {_last_line(exc)}") from exc
+    missing = sorted(set(expected) - set(saved))
+    unexpected = sorted(set(saved) - set(expected))
+    mismatched = [
+        f"{k} saved {tuple(saved[k].size)} vs model {tuple(expected[k].shape)}"
+        for k in sorted(set(saved) & set(expected), key=lambda k: (k.startswith("opt."), k))  # params first
+        if tuple(getattr(saved[k], "size", ())) != tuple(expected[k].shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} tensor(s) ({', '.join(missing[:3])}...)")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected tensor(s) ({', '.join(unexpected[:3])}...)")
+    if mismatched:
+        problems.append(f"{len(mismatched)} shape mismatch(es): {'; '.join(mismatched[:3])}")
+    if problems:
+        raise CheckpointError(f"{directory}: checkpoint does not match this model: " + "; ".join(problems))
+
+
+def _last_line(exc: BaseException) -> str:
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
 
 
 def _fsync_dir(path: Path) -> None:

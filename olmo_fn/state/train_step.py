@@ -74,7 +74,7 @@ def make_train_step(settings: StepSettings) -> StepFn:
         paths, leaves = zip(*flatten(state.params).items(), strict=True)
         n_targets = (batch.labels != -100).sum().clamp(min=1)
         grads: list[torch.Tensor] | None = None
-        ce_total = z_total = torch.zeros((), device=batch.input_ids.device)
+        ce_sums, z_sums = [], []
         for mb in batch.split(settings.micro_batch_size):
             loss, ce_sum, z_sum = objective(state.params, mb, n_targets)
             mb_grads = torch.autograd.grad(loss, leaves)
@@ -82,8 +82,8 @@ def make_train_step(settings: StepSettings) -> StepFn:
                 grads = list(mb_grads)
             else:
                 torch._foreach_add_(grads, mb_grads)
-            ce_total = ce_total + ce_sum
-            z_total = z_total + z_sum
+            ce_sums.append(ce_sum)
+            z_sums.append(z_sum)
         grad_norm = clip_by_global_norm(grads, settings.max_grad_norm)
         lr = lr_at(
             state.step, peak=settings.optim.lr, cfg=settings.schedule, total_steps=settings.total_steps
@@ -105,8 +105,8 @@ def make_train_step(settings: StepSettings) -> StepFn:
             tokens_seen=state.tokens_seen + batch.n_tokens,
         )
         metrics = {
-            "loss": ce_total / n_targets,
-            "z_loss": z_total / n_targets,
+            "loss": torch.stack(ce_sums).sum() / n_targets,
+            "z_loss": torch.stack(z_sums).sum() / n_targets,
             "grad_norm": grad_norm,
             "lr": lr,
             "n_targets": n_targets,

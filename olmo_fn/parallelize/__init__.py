@@ -1,0 +1,1 @@
+"""How the pure model runs on hardware: mixed precision, compilation (placement plans come here too)."""
