@@ -47,12 +47,18 @@ class BenchConfig:
     warmup: int = 2
     """Leading steps left out of tokens_per_s (the first one is reported as first_step_s)."""
     seed: int = 0
+    """Seeds the parameter init and the random tokens."""
     optim: AdamWConfig = AdamWConfig(implementation="fused")
     document_masking: bool = True
+    """Build document masks as training does (random rows hold one document each)."""
     attention_backend: AttentionBackend = "auto"
+    """auto: FlexAttention on CUDA, SDPA with a dense mask elsewhere."""
     device: str = "auto"
+    """auto: cuda when available, else cpu."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Compute dtype (parameters and optimizer state stay fp32). auto: bfloat16 on CUDA, float32 on CPU."""
     compile: Literal["auto", "on", "off"] = "auto"
+    """Compile the transformer block with torch.compile. auto: on for CUDA."""
     peak_tflops: float | None = None
     """Peak FLOP/s of the device in TFLOP/s for MFU; default: the bf16 datasheet peak of known GPUs."""
 

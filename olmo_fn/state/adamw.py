@@ -25,8 +25,11 @@ class AdamWConfig:
     lr: float = 4e-3
     """Peak learning rate (the schedule scales it)."""
     beta1: float = 0.9
+    """Decay rate of the first moment (the gradient's running mean)."""
     beta2: float = 0.95
+    """Decay rate of the second moment (the squared gradient's running mean)."""
     eps: float = 1e-8
+    """Added to the root of the second moment in the denominator."""
     weight_decay: float = 0.1
     """Decoupled weight decay, applied as ``param *= 1 - lr * weight_decay``."""
     no_decay: tuple[str, ...] = ("embeddings", "*norm")
