@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -11,10 +12,11 @@ import orjson
 
 from olmo_fn.config import TrainConfig, config_fingerprint, config_to_dict
 from olmo_fn.errors import ConfigError, OlmoFnError
+from olmo_fn.graph.flops import count_params
 from olmo_fn.io.loader import open_training_data
 from olmo_fn.io.metrics_log import MetricsLog
 from olmo_fn.progress import StepProgress
-from olmo_fn.runtime import resolve_compile, resolve_device, resolve_dtype
+from olmo_fn.runtime import device_name, resolve_compile, resolve_device, resolve_dtype
 from olmo_fn.state.checkpoint import save_checkpoint
 from olmo_fn.state.train_state import init_train_state
 from olmo_fn.state.train_step import StepSettings, make_train_step
@@ -63,10 +65,19 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
     state = init_train_state(
         cfg.model, seed=cfg.seed, device=device, config_fingerprint=config_fingerprint(cfg)
     )
+    if progress:
+        print(
+            f"{cfg.preset}: {count_params(cfg.model) / 1e6:,.2f}M params, {len(data.chunks):,} instances "
+            f"of {cfg.data.seq_len} tokens, {cfg.steps} steps x "
+            f"{cfg.global_batch_size * cfg.data.seq_len:,} tokens "
+            f"on {device_name(device)}, {str(settings.compute_dtype).removeprefix('torch.')}"
+            f"{', compiled' if settings.compile else ''} -> {run_dir}",
+            file=sys.stderr,
+        )
 
     # On an asynchronous device, step k's metrics are read only after step k+1 is queued, so the
     # device never idles while the host waits; the time between reads is then one step's time.
-    lag = device.type == "cuda"
+    lag = 1 if device.type == "cuda" else 0
     pending: list[tuple[int, dict, int, int]] = []
     last_read = time.perf_counter()
     with MetricsLog(run_dir / "metrics.jsonl") as log, StepProgress(cfg.steps, enabled=progress) as bar:

@@ -7,9 +7,12 @@ import dataclasses
 import pytest
 import torch
 
+from olmo_fn.graph import init_params
+from olmo_fn.graph.model import hidden_states
 from olmo_fn.graph.param_tree import flatten
 from olmo_fn.graph.presets import PRESETS
 from olmo_fn.io.instances import make_batch
+from olmo_fn.parallelize.compile import compile_block
 from olmo_fn.state.adamw import AdamWConfig
 from olmo_fn.state.schedule import ScheduleConfig
 from olmo_fn.state.train_state import init_train_state
@@ -38,3 +41,17 @@ def test_compiled_block_matches_eager(gen):
     for k in eager_params:
         # Adam turns last-bit gradient differences of near-zero gradients into steps of ~lr.
         torch.testing.assert_close(comp_params[k], eager_params[k], atol=2e-4, rtol=1e-3)
+
+
+def test_compiled_block_traces_flex_attention_without_graph_breaks(gen):
+    """The CUDA path (FlexAttention + BlockMask inside the compiled block, fullgraph) — forward on CPU."""
+    cfg = dataclasses.replace(PRESETS["olmo2-tiny"], n_layers=2)
+    params = init_params(cfg, seed=0)
+    ids = torch.randint(0, 256, (2, 256), generator=gen)
+    doc_ids = torch.zeros(2, 256, dtype=torch.long)
+    doc_ids[:, 100:] = 1
+    doc_ids[1, 200:] = 2
+    with torch.no_grad():
+        compiled = hidden_states(params, ids, cfg, doc_ids=doc_ids, backend="flex", block_fn=compile_block())
+        dense = hidden_states(params, ids, cfg, doc_ids=doc_ids, backend="sdpa")
+    torch.testing.assert_close(compiled, dense, atol=1e-4, rtol=1e-4)

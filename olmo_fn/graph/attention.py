@@ -35,7 +35,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any) -> torc
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     if isinstance(mask, torch.Tensor):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-    flex = _compiled_flex_attention() if q.is_cuda else flex_attention
+    # Inside a compiled region flex_attention is traced directly; called eagerly on CUDA it goes
+    # through its own compiled wrapper (eager flex materializes the whole score matrix).
+    eager_cuda = q.is_cuda and not torch.compiler.is_compiling()
+    flex = _compiled_flex_attention() if eager_cuda else flex_attention
     return flex(q, k, v, block_mask=mask, enable_gqa=gqa)
 
 
