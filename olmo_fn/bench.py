@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import resource
 import sys
+import tempfile
 import time
 from typing import Any, Literal
 
@@ -20,8 +21,10 @@ from olmo_fn.io.batch import Batch
 from olmo_fn.io.instances import make_batch
 from olmo_fn.runtime import device_name, resolve_compile, resolve_device, resolve_dtype
 from olmo_fn.state.adamw import AdamWConfig
+from olmo_fn.state.checkpoint import latest_checkpoint, load_checkpoint
+from olmo_fn.state.checkpoint_writer import CheckpointConfig, CheckpointWriter
 from olmo_fn.state.schedule import ScheduleConfig
-from olmo_fn.state.train_state import init_train_state
+from olmo_fn.state.train_state import empty_train_state, init_train_state
 from olmo_fn.state.train_step import StepSettings, make_train_step
 
 FLOP_FORMULA = "6*N_matmul + 12*n_layers*n_heads*d_head*seq_len per token (attention not halved for causal)"
@@ -59,6 +62,10 @@ class BenchConfig:
     """Compute dtype (parameters and optimizer state stay fp32). auto: bfloat16 on CUDA, float32 on CPU."""
     compile: Literal["auto", "on", "off"] = "auto"
     """Compile the transformer block with torch.compile. auto: on for CUDA."""
+    checkpoint_interval: int = 0
+    """Also save a checkpoint every this many timed steps (into a temporary directory); 0: never."""
+    async_save: bool = False
+    """Overlap those checkpoint writes with the following steps."""
     peak_tflops: float | None = None
     """Peak FLOP/s of the device in TFLOP/s for MFU; default: the bf16 datasheet peak of known GPUs."""
 
@@ -66,6 +73,8 @@ class BenchConfig:
         for name in ("seq_len", "micro_batch", "grad_accum", "steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"bench.{name}={getattr(self, name)} must be >= 1")
+        if self.checkpoint_interval < 0:
+            raise ConfigError(f"bench.checkpoint_interval={self.checkpoint_interval} must be >= 0")
         if not 0 < self.warmup < self.steps:
             raise ConfigError(f"bench.warmup={self.warmup} must be between 1 and steps-1={self.steps - 1}")
 
@@ -89,6 +98,23 @@ def _peak_mem_gib(device: torch.device) -> float:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _checkpoint_figures(run_dir: str, writer: CheckpointWriter, cfg: BenchConfig, device) -> dict[str, Any]:
+    """Size of the last checkpoint, time the saves blocked training, and time to load it back."""
+    path = latest_checkpoint(run_dir)
+    saves = (cfg.steps - cfg.warmup) // cfg.checkpoint_interval
+    t0 = time.perf_counter()
+    load_checkpoint(path, empty_train_state(cfg.model, device=device))
+    _sync(device)
+    load_s = time.perf_counter() - t0
+    return {
+        "checkpoint_interval": cfg.checkpoint_interval,
+        "async_save": cfg.async_save,
+        "checkpoint_mib": round(sum(p.stat().st_size for p in path.iterdir()) / 2**20, 2),
+        "save_blocking_s": round(writer.blocking_s / max(1, saves), 4),
+        "load_s": round(load_s, 4),
+    }
 
 
 def run_bench(cfg: BenchConfig) -> dict[str, Any]:
@@ -127,11 +153,22 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     for _ in range(cfg.warmup - 1):
         state, metrics = step_fn(state, random_batch())
     _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(cfg.steps - cfg.warmup):
-        state, metrics = step_fn(state, random_batch())
-    _sync(device)
-    step_s = (time.perf_counter() - t0) / (cfg.steps - cfg.warmup)
+    with tempfile.TemporaryDirectory(prefix="olmo_fn-bench-") as scratch:
+        checkpoint_cfg = CheckpointConfig(
+            interval=cfg.checkpoint_interval, keep_last=1, async_save=cfg.async_save
+        )
+        with CheckpointWriter(scratch, checkpoint_cfg) as writer:
+            t0 = time.perf_counter()
+            for _ in range(cfg.steps - cfg.warmup):
+                state, metrics = step_fn(state, random_batch())
+                if cfg.checkpoint_interval and state.step % cfg.checkpoint_interval == 0:
+                    writer.save(state)
+            writer.wait()  # a write still in flight belongs to the timed steps
+            _sync(device)
+            step_s = (time.perf_counter() - t0) / (cfg.steps - cfg.warmup)
+        checkpoint_figures = (
+            _checkpoint_figures(scratch, writer, cfg, device) if writer.last_saved_step else {}
+        )
 
     tokens_per_s = batch_rows * cfg.seq_len / step_s
     flops = flops_per_token(cfg.model, cfg.seq_len)
@@ -151,6 +188,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         "first_step_s": round(first_step_s, 3),
         "step_s": round(step_s, 6),
         "final_loss": round(float(metrics["loss"]), 4),
+        **checkpoint_figures,
         "device": device_name(device),
         "dtype": str(dtype).removeprefix("torch."),
         "compile": compiled,

@@ -21,6 +21,7 @@ from olmo_fn.graph.model import AttentionBackend
 from olmo_fn.graph.presets import PRESETS
 from olmo_fn.io.loader import DataConfig
 from olmo_fn.state.adamw import AdamWConfig
+from olmo_fn.state.checkpoint_writer import CheckpointConfig
 from olmo_fn.state.schedule import ScheduleConfig
 
 PresetName = Literal[tuple(PRESETS)]  # type: ignore[valid-type]
@@ -62,8 +63,14 @@ class TrainConfig:
     """Compute dtype (parameters and optimizer state stay fp32). auto: bfloat16 on CUDA, float32 on CPU."""
     compile: Literal["auto", "on", "off"] = "auto"
     """Compile the transformer block with torch.compile (one graph for all layers). auto: on for CUDA."""
+    checkpoint: CheckpointConfig = CheckpointConfig()
     run_dir: str | None = None
-    """Where config.json, metrics.jsonl and checkpoints go. Default: runs/<preset>-<date>-<time>."""
+    """Where config.json, metrics.jsonl and checkpoints go. Default: runs/<preset>-<date>-<time>.
+    A directory that already holds a run is resumed from its newest complete checkpoint."""
+    resume: bool = False
+    """Require resuming: an error unless run_dir holds a checkpoint (never a silent fresh start)."""
+    allow_config_change: bool = False
+    """On resume, accept changes to fields that change the training math (e.g. a new schedule)."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -92,10 +99,59 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def config_fingerprint(cfg: TrainConfig) -> str:
-    """A short digest of every field that defines the run (the run directory excluded)."""
-    fields = config_to_dict(dataclasses.replace(cfg, run_dir=None))
-    return hashlib.blake2b(orjson.dumps(fields, option=orjson.OPT_SORT_KEYS), digest_size=8).hexdigest()
+RUNTIME_FIELDS = frozenset(
+    {
+        "preset",  # a name only; the model fields carry the sizes
+        "micro_batch_size",  # accumulation is normalised to equal the whole batch
+        "attention_backend",
+        "device",
+        "dtype",
+        "compile",
+        "checkpoint",
+        "run_dir",
+        "resume",
+        "allow_config_change",
+    }
+)
+"""Top-level TrainConfig fields that change how a run executes, not what it computes. Every other
+field (model, data, optim, schedule, steps, batch size, seed, ...) changes the training math."""
+
+
+def math_fields(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
+    """The fields of a config (dataclass or its JSON dict) that change the training math, flattened
+    to dotted names."""
+    data = config_to_dict(config) if dataclasses.is_dataclass(config) else config
+    return _flatten({k: v for k, v in data.items() if k not in RUNTIME_FIELDS})
+
+
+def config_fingerprint(config: TrainConfig | dict[str, Any]) -> str:
+    """A short digest of the fields that change the training math."""
+    fields = orjson.dumps(math_fields(config), option=orjson.OPT_SORT_KEYS)
+    return hashlib.blake2b(fields, digest_size=8).hexdigest()
+
+
+def math_differences(old: TrainConfig | dict[str, Any], new: TrainConfig | dict[str, Any]) -> list[str]:
+    """``"field: old -> new"`` for every math-changing field that differs between two configs."""
+    a, b = math_fields(old), math_fields(new)
+    return [
+        f"{k}: {_show(a.get(k))} -> {_show(b.get(k))}"
+        for k in sorted(a.keys() | b.keys())
+        if a.get(k) != b.get(k)
+    ]
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def _show(value: Any) -> str:
+    return orjson.dumps(value).decode()
 
 
 def config_from_dict(cls: type, data: Any, where: str = "config") -> Any:

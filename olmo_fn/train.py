@@ -1,24 +1,27 @@
-"""The training loop: data -> `train_step` -> metrics.jsonl, progress, and a final checkpoint."""
+"""The training loop: data -> `train_step` -> metrics.jsonl and checkpoints, fresh or resumed."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import time
 from datetime import datetime
 from pathlib import Path
 
-import orjson
+import torch
 
-from olmo_fn.config import TrainConfig, config_fingerprint, config_to_dict
-from olmo_fn.errors import ConfigError, OlmoFnError
+from olmo_fn.config import TrainConfig, config_fingerprint, config_to_dict, math_differences
+from olmo_fn.errors import CheckpointError, ConfigError, OlmoFnError
 from olmo_fn.graph.flops import count_params
+from olmo_fn.io.atomic import write_json
 from olmo_fn.io.loader import open_training_data
-from olmo_fn.io.metrics_log import MetricsLog
+from olmo_fn.io.metrics_log import MetricsLog, truncate_metrics
 from olmo_fn.progress import StepProgress
 from olmo_fn.runtime import device_name, resolve_compile, resolve_device, resolve_dtype
-from olmo_fn.state.checkpoint import save_checkpoint
-from olmo_fn.state.train_state import init_train_state
+from olmo_fn.state.checkpoint import latest_checkpoint, load_checkpoint, read_manifest, remove_incomplete
+from olmo_fn.state.checkpoint_writer import CheckpointWriter
+from olmo_fn.state.train_state import TrainState, current_versions, empty_train_state, init_train_state
 from olmo_fn.state.train_step import StepSettings, make_train_step
 
 
@@ -30,23 +33,65 @@ def default_run_dir(cfg: TrainConfig) -> Path:
     return Path("runs") / f"{cfg.preset}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
-def prepare_run_dir(path: Path) -> Path:
-    """Create the run directory; refuse one that already holds a run."""
-    if (path / "config.json").exists():
-        raise ConfigError(
-            f"run_dir={str(path)!r} already holds a run (config.json); choose another --run-dir"
+def _say(enabled: bool, message: str) -> None:
+    if enabled:
+        print(message, file=sys.stderr, flush=True)
+
+
+def start_state(cfg: TrainConfig, run_dir: Path, device: torch.device, *, verbose: bool = True) -> TrainState:
+    """A fresh state for a new run directory, or the newest checkpoint of an existing run.
+
+    Nothing in an existing run directory changes unless its checkpoint loaded: a refused or failed
+    resume leaves the directory as it was.
+    """
+    config_json, fingerprint = config_to_dict(cfg), config_fingerprint(cfg)
+    if not (run_dir / "config.json").exists():
+        if cfg.resume:
+            raise CheckpointError(f"{run_dir}: no run to resume here (no config.json); --resume needs one")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return init_train_state(
+            cfg.model, seed=cfg.seed, device=device, config=config_json, config_fingerprint=fingerprint
         )
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None:
+        raise CheckpointError(
+            f"{run_dir}: holds a run but no complete checkpoint to resume from; "
+            "remove the directory or choose another --run-dir"
+        )
+    differences = math_differences(read_manifest(checkpoint)["config"], config_json)
+    if differences and not cfg.allow_config_change:
+        raise ConfigError(
+            f"{checkpoint}: the config differs from the checkpoint's in fields that change the training "
+            f"math: {'; '.join(differences)}. Resume without those options, or pass --allow-config-change "
+            "to continue with the new values (e.g. a new schedule for annealing)"
+        )
+    state = load_checkpoint(checkpoint, empty_train_state(cfg.model, device=device))
+    remove_incomplete(run_dir)
+    dropped = truncate_metrics(run_dir / "metrics.jsonl", state.step)
+    _say(verbose, f"resuming {run_dir} from step {state.step} ({checkpoint.name})")
+    if dropped:
+        _say(verbose, f"  dropped {dropped} metrics record(s) written after that checkpoint")
+    if differences:
+        _say(verbose, "  with config changes: " + "; ".join(differences))
+    if dict(state.versions) != current_versions():
+        _say(verbose, f"  checkpoint written by {dict(state.versions)}, continuing with {current_versions()}")
+    return dataclasses.replace(
+        state, config=config_json, config_fingerprint=fingerprint, versions=current_versions()
+    )
 
 
 def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
-    """Run training as configured; returns the run directory."""
+    """Run training as configured (resuming when run_dir holds a run); returns the run directory."""
     device = resolve_device(cfg.device)
+    if cfg.resume and cfg.run_dir is None:
+        raise ConfigError("--resume needs --run-dir: the run directory to resume")
+    run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
     data = open_training_data(cfg.data, cfg.model.vocab_size)
-    run_dir = prepare_run_dir(Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg))
-    config_json = config_to_dict(cfg)
-    (run_dir / "config.json").write_bytes(orjson.dumps(config_json, option=orjson.OPT_INDENT_2))
+    state = start_state(cfg, run_dir, device, verbose=progress)
+    write_json(run_dir / "config.json", config_to_dict(cfg))
+    if state.step >= cfg.steps:
+        _say(progress, f"{run_dir}: already trained for {state.step} of {cfg.steps} steps; nothing to do")
+        return run_dir
 
     settings = StepSettings(
         model=cfg.model,
@@ -62,25 +107,24 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
         compile=resolve_compile(cfg.compile, device),
     )
     step_fn = make_train_step(settings)
-    state = init_train_state(
-        cfg.model, seed=cfg.seed, device=device, config_fingerprint=config_fingerprint(cfg)
+    _say(
+        progress,
+        f"{cfg.preset}: {count_params(cfg.model) / 1e6:,.2f}M params, {len(data.chunks):,} instances "
+        f"of {cfg.data.seq_len} tokens, {cfg.steps} steps x {cfg.global_batch_size * cfg.data.seq_len:,} "
+        f"tokens on {device_name(device)}, {str(settings.compute_dtype).removeprefix('torch.')}"
+        f"{', compiled' if settings.compile else ''} -> {run_dir}",
     )
-    if progress:
-        print(
-            f"{cfg.preset}: {count_params(cfg.model) / 1e6:,.2f}M params, {len(data.chunks):,} instances "
-            f"of {cfg.data.seq_len} tokens, {cfg.steps} steps x "
-            f"{cfg.global_batch_size * cfg.data.seq_len:,} tokens "
-            f"on {device_name(device)}, {str(settings.compute_dtype).removeprefix('torch.')}"
-            f"{', compiled' if settings.compile else ''} -> {run_dir}",
-            file=sys.stderr,
-        )
 
     # On an asynchronous device, step k's metrics are read only after step k+1 is queued, so the
     # device never idles while the host waits; the time between reads is then one step's time.
     lag = 1 if device.type == "cuda" else 0
     pending: list[tuple[int, dict, int, int]] = []
     last_read = time.perf_counter()
-    with MetricsLog(run_dir / "metrics.jsonl") as log, StepProgress(cfg.steps, enabled=progress) as bar:
+    with (
+        MetricsLog(run_dir / "metrics.jsonl") as log,
+        StepProgress(cfg.steps, start=state.step, enabled=progress) as bar,
+        CheckpointWriter(run_dir, cfg.checkpoint) as checkpoints,
+    ):
 
         def record(step: int, metrics: dict, n_tokens: int, tokens_seen: int) -> None:
             nonlocal last_read
@@ -107,8 +151,8 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
             pending.append((state.step, metrics, batch.n_tokens, state.tokens_seen))
             while len(pending) > lag:
                 record(*pending.pop(0))
+            if checkpoints.due(state.step, cfg.steps):
+                checkpoints.save(state)
         while pending:
             record(*pending.pop(0))
-
-    save_checkpoint(run_dir / "checkpoints" / f"step{state.step}", state, config_json)
     return run_dir

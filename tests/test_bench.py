@@ -27,3 +27,14 @@ def test_bench_without_known_peak_reports_no_mfu():
 def test_bench_rejects_warmup_covering_all_steps():
     with pytest.raises(ConfigError, match="bench.warmup=3"):
         BenchConfig(steps=3, warmup=3)
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_bench_with_checkpoints_reports_their_cost(async_save):
+    cfg = BenchConfig(
+        steps=5, warmup=1, seq_len=16, micro_batch=1, checkpoint_interval=2, async_save=async_save
+    )
+    out = run_bench(cfg)
+    tensor_mib = 3 * 4 * out["params"] / 2**20  # fp32 params + two AdamW moments
+    assert out["checkpoint_mib"] == pytest.approx(tensor_mib, rel=0.05)
+    assert out["save_blocking_s"] > 0 and out["load_s"] > 0 and out["async_save"] is async_save

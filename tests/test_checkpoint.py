@@ -26,7 +26,8 @@ def saved_state(gen):
 
 def test_round_trip_restores_everything(tmp_path, gen):
     state = saved_state(gen)
-    save_checkpoint(tmp_path / "step7", state, {"note": "cfg"})
+    state = dataclasses.replace(state, config={"note": "cfg"})
+    save_checkpoint(tmp_path / "step7", state)
     fresh = init_train_state(CFG, seed=1, device="cpu")
     loaded = load_checkpoint(tmp_path / "step7", fresh)
     assert (loaded.step, loaded.data_cursor, loaded.tokens_seen, loaded.config_fingerprint) == (
@@ -46,16 +47,16 @@ def test_round_trip_restores_everything(tmp_path, gen):
 
 def test_save_leaves_no_temporary_directory_and_refuses_overwrite(tmp_path, gen):
     state = saved_state(gen)
-    save_checkpoint(tmp_path / "step7", state, {})
+    save_checkpoint(tmp_path / "step7", state)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step7"]
     before = sorted((p.name, p.stat().st_size) for p in (tmp_path / "step7").iterdir())
     with pytest.raises(CheckpointError, match="step7"):
-        save_checkpoint(tmp_path / "step7", state, {})
+        save_checkpoint(tmp_path / "step7", state)
     assert sorted((p.name, p.stat().st_size) for p in (tmp_path / "step7").iterdir()) == before
 
 
 def test_manifest_problems_are_named(tmp_path, gen):
-    save_checkpoint(tmp_path / "step7", saved_state(gen), {})
+    save_checkpoint(tmp_path / "step7", saved_state(gen))
     manifest = tmp_path / "step7" / "manifest.json"
     manifest.write_text("{not json")
     with pytest.raises(CheckpointError, match=r"manifest\.json: manifest is not valid JSON"):
@@ -66,7 +67,7 @@ def test_manifest_problems_are_named(tmp_path, gen):
 
 
 def test_loading_into_another_model_shape_is_refused(tmp_path, gen):
-    save_checkpoint(tmp_path / "step7", saved_state(gen), {})
+    save_checkpoint(tmp_path / "step7", saved_state(gen))
     other = init_train_state(dataclasses.replace(CFG, d_model=32), seed=0, device="cpu")
     with pytest.raises(
         CheckpointError, match=r"step7: .*params.blocks.0.attention.w_k saved \(16, 16\) vs model \(32, 32\)"
@@ -75,7 +76,7 @@ def test_loading_into_another_model_shape_is_refused(tmp_path, gen):
 
 
 def test_damaged_tensor_files_are_named(tmp_path, gen):
-    save_checkpoint(tmp_path / "step7", saved_state(gen), {})
+    save_checkpoint(tmp_path / "step7", saved_state(gen))
     (shard,) = (tmp_path / "step7").glob("*.distcp")
     shard.write_bytes(shard.read_bytes()[:100])
     with pytest.raises(CheckpointError, match="step7: cannot read checkpoint tensors"):

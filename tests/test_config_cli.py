@@ -301,9 +301,14 @@ def test_main_tiny_run_and_resume_its_config(tmp_path, monkeypatch, capsys):
     assert config_from_json(saved) == parse(argv)
     assert parse(["train", "--config", str(saved)]) == parse(argv)
 
-    # The same run directory again: refused, in one line, before any training.
-    assert main(argv) == 2
-    assert "already holds a run" in _one_error_line(capsys.readouterr().err)
+    # The same run directory again resumes it: here it is finished, so nothing changes.
+    before = saved.read_bytes(), (tmp_path / "r" / "metrics.jsonl").read_bytes()
+    assert main(["train", "--run-dir", "r"]) == 0
+    assert "already trained for 2 of 2 steps" in capsys.readouterr().err
+    assert (saved.read_bytes(), (tmp_path / "r" / "metrics.jsonl").read_bytes()) == before
+    # ... and a flag that changes the math is refused, in one line, naming the field.
+    assert main(["train", "--run-dir", "r", "--seed", "3"]) == 2
+    assert "seed: 0 -> 3" in _one_error_line(capsys.readouterr().err)
 
 
 # ---- the real command line, in subprocesses (about 3 s each: keep them few) -----------------------

@@ -7,10 +7,7 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 from olmo_fn.config import TrainConfig, config_from_json
-from olmo_fn.errors import ConfigError
 from olmo_fn.io.metrics_log import read_metrics
 from olmo_fn.state.checkpoint import load_checkpoint, read_manifest
 from olmo_fn.state.schedule import ScheduleConfig
@@ -45,15 +42,6 @@ def test_runs_are_deterministic(tmp_path):
         cfg = dataclasses.replace(SHORT, steps=4, micro_batch_size=4, run_dir=str(tmp_path / name))
         losses.append([r["loss"] for r in read_metrics(train(cfg, progress=False) / "metrics.jsonl")])
     assert losses[0] == losses[1]
-
-
-def test_existing_run_directory_is_refused(tmp_path):
-    cfg = dataclasses.replace(SHORT, steps=1, run_dir=str(tmp_path / "run"))
-    train(cfg, progress=False)
-    before = (tmp_path / "run" / "metrics.jsonl").read_bytes()
-    with pytest.raises(ConfigError, match="already holds a run"):
-        train(cfg, progress=False)
-    assert (tmp_path / "run" / "metrics.jsonl").read_bytes() == before
 
 
 def test_cli_train_with_dotted_overrides(tmp_path, isolated_cache):

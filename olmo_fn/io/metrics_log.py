@@ -8,6 +8,8 @@ from typing import Any
 
 import orjson
 
+from olmo_fn.io.atomic import atomic_write_bytes
+
 
 class MetricsLog:
     """Appends JSON lines to a file; usable as a context manager."""
@@ -34,3 +36,27 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
     """All records of a metrics.jsonl file."""
     with open(path, "rb") as f:
         return [orjson.loads(line) for line in f if line.strip()]
+
+
+def truncate_metrics(path: str | os.PathLike, last_step: int) -> int:
+    """Keep only the records with ``step <= last_step`` (rewritten atomically); returns how many went.
+
+    A resumed run continues from a checkpoint; records written after it by the interrupted run (and
+    a torn last line) belong to a future that did not happen.
+    """
+    path = Path(path)
+    if not path.exists():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_bytes().splitlines():
+        try:
+            record = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            dropped += 1
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= last_step:
+            kept.append(line)
+        else:
+            dropped += 1
+    atomic_write_bytes(path, b"".join(line + b"\n" for line in kept))
+    return dropped

@@ -14,9 +14,9 @@ import sysconfig
 from pathlib import Path
 
 import numpy as np
-import orjson
 
 from olmo_fn.errors import DataError
+from olmo_fn.io.atomic import write_json
 from olmo_fn.io.byte_tokenizer import encode_bytes
 from olmo_fn.io.token_file import write_token_file
 
@@ -75,5 +75,5 @@ def stdlib_token_file(target_bytes: int = 4_000_000) -> Path:
     tokens = np.concatenate([encode_bytes(data) for _, data in sources])
     write_token_file(path, tokens)
     listing = {"python": sys.version, "files": [rel for rel, _ in sources], "tokens": int(tokens.size)}
-    path.with_suffix(".json").write_bytes(orjson.dumps(listing, option=orjson.OPT_INDENT_2))
+    write_json(path.with_suffix(".json"), listing)
     return path

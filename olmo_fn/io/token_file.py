@@ -7,12 +7,12 @@ so it comes from the configuration or from the vocabulary size (uint16 when ever
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from olmo_fn.errors import DataError
+from olmo_fn.io.atomic import atomic_write
 
 TOKEN_DTYPES = {"uint16": np.dtype(np.uint16), "uint32": np.dtype(np.uint32)}
 
@@ -46,18 +46,5 @@ def write_token_file(path: str | os.PathLike, tokens: np.ndarray) -> Path:
     path = Path(path)
     if tokens.dtype not in TOKEN_DTYPES.values():
         raise DataError(f"{path}: token arrays are uint16 or uint32, got {tokens.dtype}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.fchmod(f.fileno(), 0o666 & ~umask)
-            f.write(np.ascontiguousarray(tokens).tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    data = np.ascontiguousarray(tokens).tobytes()
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data))

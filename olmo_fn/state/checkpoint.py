@@ -1,17 +1,27 @@
 """Checkpoints: a `TrainState` written through torch.distributed.checkpoint (DCP) plus a JSON manifest.
 
-Layout of ``checkpoints/step{N}/``: the DCP files (``.metadata``, ``*.distcp``) and ``manifest.json``
-(step, tokens, data cursor, config and its fingerprint, versions). A checkpoint is written into a
-temporary sibling directory and renamed into place when complete, so a directory named ``step{N}``
-is always whole. Loading reads tensors only (no unpickling of arbitrary objects).
+Layout of ``RUN/checkpoints/step{N}/``: the DCP files (``.metadata``, ``*.distcp``) and
+``manifest.json`` (step, tokens, data cursor, config and fingerprint, versions, tensor count and
+bytes). A checkpoint is written into ``.step{N}.tmp`` and renamed into place only when complete, so a
+directory named ``step{N}`` is always whole; one being deleted is first renamed to
+``.step{N}.deleting``. DCP reshards on load: a checkpoint written by any number of processes, with any
+placements, loads into any other.
+
+Loading never unpickles arbitrary objects: tensors are read with ``weights_only``, the manifest is
+JSON, and DCP's pickled ``.metadata`` goes through an unpickler that admits only DCP's own
+metadata classes.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import pickle
+import re
 import shutil
+import time
 import warnings
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -19,65 +29,121 @@ import orjson
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from tensordict import TensorDict
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import Metadata
 
-import olmo_fn
 from olmo_fn.errors import CheckpointError
-from olmo_fn.graph.param_tree import flatten
-from olmo_fn.state.train_state import TrainState
+from olmo_fn.graph.param_tree import flatten, unflatten
+from olmo_fn.io.atomic import write_json
+from olmo_fn.parallelize.dist import barrier, is_distributed, rank
+from olmo_fn.state.train_state import TrainState, current_versions
 
 MANIFEST = "manifest.json"
-_SINGLE_PROCESS_WARNING = ".*assuming the intent is to (save|load) in a single process"
 FORMAT_VERSION = 1
+STEP_DIR = re.compile(r"^step(\d+)$")
+# DCP warns on every single-process call (also from its async writer thread) that it assumes a
+# single process: that is meant here.
+warnings.filterwarnings("ignore", message=".*assuming the intent is to (save|load) in a single process")
+
+
+def checkpoint_path(run_dir: str | os.PathLike, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step{step}"
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Complete checkpoints of a run, oldest first (temporary and half-deleted ones are skipped)."""
+    root = Path(run_dir) / "checkpoints"
+    found = []
+    if root.is_dir():
+        for child in root.iterdir():
+            match = STEP_DIR.match(child.name)
+            if match and child.is_dir():
+                found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1][1] if found else None
 
 
 def _tensors(state: TrainState) -> dict[str, Any]:
+    return {"params": flatten(state.params), "opt": {k: flatten(v) for k, v in state.opt_state.items()}}
+
+
+def manifest_of(state: TrainState) -> dict[str, Any]:
+    flat = flatten(_tensors(state))
     return {
-        "params": flatten(state.params),
-        "opt": {name: flatten(tree) for name, tree in state.opt_state.items()},
-    }
-
-
-def _single_process() -> bool:
-    return not (dist.is_available() and dist.is_initialized())
-
-
-def save_checkpoint(directory: str | os.PathLike, state: TrainState, config: dict[str, Any]) -> Path:
-    """Write `state` (and the run's `config`, as JSON) to `directory`, atomically."""
-    directory = Path(directory)
-    if directory.exists():
-        raise CheckpointError(f"{directory}: a checkpoint already exists here; refusing to overwrite it")
-    tmp = directory.with_name(f".{directory.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    tensors = _tensors(state)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_SINGLE_PROCESS_WARNING)
-        dcp.save(tensors, checkpoint_id=tmp, no_dist=_single_process())
-    flat = flatten(tensors)
-    manifest = {
         "format_version": FORMAT_VERSION,
         "step": state.step,
         "tokens_seen": state.tokens_seen,
         "data_cursor": state.data_cursor,
         "config_fingerprint": state.config_fingerprint,
-        "config": config,
-        "olmo_fn_version": olmo_fn.__version__,
-        "torch_version": torch.__version__,
+        "config": dict(state.config),
+        "versions": current_versions(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "n_tensors": len(flat),
         "tensor_bytes": sum(t.numel() * t.element_size() for t in flat.values()),
     }
-    (tmp / MANIFEST).write_bytes(orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
-    _fsync_dir(tmp)
-    os.rename(tmp, directory)
-    _fsync_dir(directory.parent)
+
+
+def begin_save(
+    directory: Path, state: TrainState, *, asynchronous: bool = False, group: dist.ProcessGroup | None = None
+) -> tuple[Future | None, dict[str, Any]]:
+    """Start writing `state` into ``.{directory.name}.tmp``; returns (DCP future if async, manifest).
+
+    Collective when a process group exists. With `asynchronous`, tensors are copied to host memory
+    before this returns (the caller may then update them in place) and written in the background.
+    """
+    tmp = _tmp_path(directory)
+    if rank(group) == 0:
+        if directory.exists():
+            raise CheckpointError(f"{directory}: a checkpoint already exists here; refusing to overwrite it")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier(group)
+    manifest = manifest_of(state)
+    kwargs = {"checkpoint_id": tmp, "no_dist": not is_distributed(), "process_group": group}
+    if asynchronous:
+        return dcp.async_save(_tensors(state), **kwargs), manifest
+    dcp.save(_tensors(state), **kwargs)
+    return None, manifest
+
+
+def finish_save(directory: Path, manifest: dict[str, Any], *, group: dist.ProcessGroup | None = None) -> Path:
+    """Write the manifest and rename the temporary directory into place (coordinator only)."""
+    if rank(group) == 0:
+        tmp = _tmp_path(directory)
+        write_manifest(tmp, manifest)
+        _fsync_dir(tmp)
+        os.rename(tmp, directory)
+        _fsync_dir(directory.parent)
+    return directory
+
+
+def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
+    write_json(directory / MANIFEST, manifest)
+
+
+def save_checkpoint(
+    directory: str | os.PathLike, state: TrainState, *, group: dist.ProcessGroup | None = None
+) -> Path:
+    """Write `state` to `directory` synchronously and atomically. Collective when distributed."""
+    directory = Path(directory)
+    _, manifest = begin_save(directory, state, group=group)
+    barrier(group)
+    finish_save(directory, manifest, group=group)
+    barrier(group)
     return directory
 
 
 def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
     """The manifest of the checkpoint in `directory`, with a clear error when it is absent or not JSON."""
     path = Path(directory) / MANIFEST
+    if not Path(directory).is_dir():
+        raise CheckpointError(f"{directory}: no such checkpoint directory")
     if not path.is_file():
         raise CheckpointError(f"{path}: no checkpoint manifest (not a complete olmo_fn checkpoint)")
     try:
@@ -89,33 +155,138 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
     return manifest
 
 
-def load_checkpoint(directory: str | os.PathLike, template: TrainState) -> TrainState:
-    """The state saved in `directory`, loaded into the buffers of `template` (same shapes/placements)."""
+def load_checkpoint(
+    directory: str | os.PathLike, template: TrainState, *, group: dist.ProcessGroup | None = None
+) -> TrainState:
+    """The state saved in `directory`, read into the buffers of `template`.
+
+    The template fixes device, dtype and placements (plain tensors or DTensors of any layout); DCP
+    reshards and casts. Shapes must match the saved ones; every mismatch is named.
+    """
     directory = Path(directory)
     manifest = read_manifest(directory)
-    tensors = _tensors(template)
-    _check_shapes(directory, flatten(tensors))
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=_SINGLE_PROCESS_WARNING)
-            dcp.load(tensors, checkpoint_id=directory, no_dist=_single_process())
-    except (Exception, CheckpointException) as exc:  # CheckpointException is a BaseException
-        raise CheckpointError(f"{directory}: cannot read checkpoint tensors: {_last_line(exc)}") from exc
+    _load_tensors(directory, _tensors(template), group=group)
     return dataclasses.replace(
         template,
         step=manifest["step"],
         tokens_seen=manifest["tokens_seen"],
         data_cursor=manifest["data_cursor"],
+        config=manifest["config"],
         config_fingerprint=manifest["config_fingerprint"],
+        versions=manifest.get("versions", {}),
     )
 
 
-def _check_shapes(directory: Path, expected: dict[str, torch.Tensor]) -> None:
-    """Compare the checkpoint's tensor names and shapes with the model's, naming every difference."""
+def load_params(directory: str | os.PathLike, template_params: TensorDict) -> TensorDict:
+    """Only the parameters of a checkpoint, read into `template_params` (any device, dtype, placement)."""
+    directory = Path(directory)
+    read_manifest(directory)
+    tensors = {"params": flatten(template_params)}
+    _load_tensors(directory, tensors, only_prefix="params.")
+    return unflatten(tensors["params"])
+
+
+def _load_tensors(
+    directory: Path, tensors: dict[str, Any], *, only_prefix: str = "", group: dist.ProcessGroup | None = None
+) -> None:
+    _check_shapes(directory, flatten(tensors), only_prefix=only_prefix)
     try:
-        saved = FileSystemReader(directory).read_metadata().state_dict_metadata
+        with torch.no_grad():
+            dcp.load(
+                tensors,
+                storage_reader=SafeFileSystemReader(directory),
+                no_dist=not is_distributed(),
+                process_group=group,
+            )
+    except (Exception, CheckpointException) as exc:  # CheckpointException is a BaseException
+        raise CheckpointError(f"{directory}: cannot read checkpoint tensors: {_last_line(exc)}") from exc
+
+
+def prune_checkpoints(run_dir: str | os.PathLike, *, keep_last: int, permanent_every: int) -> list[Path]:
+    """Delete complete checkpoints other than the newest `keep_last` and every `permanent_every`-th step.
+
+    A checkpoint is renamed to ``.step{N}.deleting`` before its files go, so a crash mid-delete never
+    leaves something that looks complete. Returns the deleted paths.
+    """
+    found = list_checkpoints(run_dir)
+    keep = {step for step, _ in found[-keep_last:]} if keep_last > 0 else set()
+    if permanent_every > 0:
+        keep |= {step for step, _ in found if step % permanent_every == 0}
+    deleted = []
+    for step, path in found:
+        if step not in keep:
+            doomed = path.with_name(f".{path.name}.deleting")
+            os.rename(path, doomed)
+            shutil.rmtree(doomed)
+            deleted.append(path)
+    return deleted
+
+
+def remove_incomplete(run_dir: str | os.PathLike) -> list[Path]:
+    """Remove leftovers of interrupted saves and deletes (``.step*.tmp``, ``.step*.deleting``)."""
+    root = Path(run_dir) / "checkpoints"
+    removed = []
+    if root.is_dir():
+        for child in root.iterdir():
+            if child.name.startswith(".step") and child.name.endswith((".tmp", ".deleting")):
+                shutil.rmtree(child, ignore_errors=True)
+                removed.append(child)
+    return removed
+
+
+# What DCP's pickled ``.metadata`` legitimately refers to (besides torch dtypes).
+_METADATA_GLOBALS = {
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "ChunkStorageMetadata",
+        "TensorProperties",
+        "MetadataIndex",
+        "StorageMeta",
+        "_MEM_FORMAT_ENCODING",
+    },
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"},
+    "collections": {"OrderedDict"},
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Admits only what DCP's ``.metadata`` legitimately holds."""
+
+    def find_class(self, module: str, name: str):
+        if name in _METADATA_GLOBALS.get(module, ()) or (
+            module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        ):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from checkpoint metadata")
+
+
+class SafeFileSystemReader(FileSystemReader):
+    """DCP's file reader with the metadata read through `_MetadataUnpickler`."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        path = self._get_metadata_path(kwargs.get("rank"))
+        with self.fs.create_stream(path, "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+        if not isinstance(metadata, Metadata):
+            raise pickle.UnpicklingError(f"{path}: not DCP metadata")
+        if getattr(metadata, "storage_meta", None) is not None:
+            metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+def _check_shapes(directory: Path, expected: dict[str, torch.Tensor], only_prefix: str = "") -> None:
+    """Compare the checkpoint's tensor names and shapes with the template's, naming every difference."""
+    try:
+        saved = SafeFileSystemReader(directory).read_metadata().state_dict_metadata
     except Exception as exc:
         raise CheckpointError(f"{directory}: cannot read the DCP metadata: {_last_line(exc)}") from exc
+    if only_prefix:
+        saved = {k: v for k, v in saved.items() if k.startswith(only_prefix)}
     missing = sorted(set(expected) - set(saved))
     unexpected = sorted(set(saved) - set(expected))
     mismatched = [
@@ -132,6 +303,10 @@ def _check_shapes(directory: Path, expected: dict[str, torch.Tensor]) -> None:
         problems.append(f"{len(mismatched)} shape mismatch(es): {'; '.join(mismatched[:3])}")
     if problems:
         raise CheckpointError(f"{directory}: checkpoint does not match this model: " + "; ".join(problems))
+
+
+def _tmp_path(directory: Path) -> Path:
+    return directory.with_name(f".{directory.name}.tmp")
 
 
 def _last_line(exc: BaseException) -> str:

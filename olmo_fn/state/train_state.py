@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from tensordict import TensorDict
 
+import olmo_fn
 from olmo_fn.graph.config import ModelConfig
 from olmo_fn.graph.init import init_params
 from olmo_fn.state.adamw import init_adamw_state
+
+
+def current_versions() -> dict[str, str]:
+    """Versions of the software that computes and writes states."""
+    return {"olmo_fn": olmo_fn.__version__, "torch": torch.__version__}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,7 +26,9 @@ class TrainState:
 
     params: fp32 master parameters (leaves require grad). opt_state: ``exp_avg`` and ``exp_avg_sq``
     trees mirroring params. data_cursor: instances of the data order consumed so far (the next batch
-    starts there). Randomness derives from ``(seed, step, rank)``, so no RNG state is kept.
+    starts there). config: the run's configuration as JSON-ready data, with its fingerprint over the
+    fields that change the training math. versions: the software that produced the state.
+    Randomness derives from ``(seed, step, rank)``, so no RNG state is kept.
     """
 
     step: int
@@ -26,11 +36,18 @@ class TrainState:
     opt_state: TensorDict
     data_cursor: int
     tokens_seen: int
-    config_fingerprint: str
+    config: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    config_fingerprint: str = ""
+    versions: Mapping[str, str] = dataclasses.field(default_factory=current_versions)
 
 
 def init_train_state(
-    cfg: ModelConfig, *, seed: int, device: torch.device | str, config_fingerprint: str = ""
+    cfg: ModelConfig,
+    *,
+    seed: int,
+    device: torch.device | str,
+    config: Mapping[str, Any] | None = None,
+    config_fingerprint: str = "",
 ) -> TrainState:
     """Step 0: freshly initialised fp32 parameters and zero optimizer moments."""
     params = init_params(cfg, seed=seed, device=device, dtype=torch.float32)
@@ -41,5 +58,16 @@ def init_train_state(
         opt_state=init_adamw_state(params),
         data_cursor=0,
         tokens_seen=0,
+        config=dict(config or {}),
         config_fingerprint=config_fingerprint,
     )
+
+
+def empty_train_state(
+    cfg: ModelConfig, *, device: torch.device | str, dtype: torch.dtype = torch.float32
+) -> TrainState:
+    """A state with uninitialised buffers of the right shapes: the template a checkpoint loads into."""
+    params = init_params(cfg, device="meta", dtype=dtype).apply(
+        lambda t: torch.empty_like(t, device=device).requires_grad_(True)
+    )
+    return TrainState(0, params, init_adamw_state(params), 0, 0)

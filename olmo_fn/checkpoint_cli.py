@@ -1,0 +1,113 @@
+"""``checkpoint info`` and ``checkpoint export``: look into checkpoints, and take models out of them."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import orjson
+import torch
+import tyro
+
+from olmo_fn.config import TrainConfig, config_from_dict
+from olmo_fn.errors import CheckpointError
+from olmo_fn.graph.flops import count_params
+from olmo_fn.graph.init import init_params
+from olmo_fn.io.safetensors_export import export_model
+from olmo_fn.state.checkpoint import latest_checkpoint, list_checkpoints, load_params, read_manifest
+
+PathArg = Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="PATH")]
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointInfo:
+    """Show a checkpoint: step, tokens, model, tensor count and bytes, versions."""
+
+    path: PathArg
+    """A checkpoint directory, or a run directory (its newest complete checkpoint)."""
+    json: bool = False
+    """Print the manifest (plus bytes on disk) as JSON instead of text."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointExport:
+    """Write a checkpoint's parameters to OUT/model.safetensors plus OUT/config.json, for inference."""
+
+    path: PathArg
+    """A checkpoint directory, or a run directory (its newest complete checkpoint)."""
+    out: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="OUT")]
+    """A new (or empty) directory for model.safetensors and config.json."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """dtype of the exported weights."""
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory itself, or the newest complete checkpoint of a run directory."""
+    path = Path(path)
+    if (path / "manifest.json").exists() or not (path / "checkpoints").is_dir():
+        return path
+    newest = latest_checkpoint(path)
+    if newest is None:
+        raise CheckpointError(f"{path}: run directory holds no complete checkpoint")
+    return newest
+
+
+def checkpoint_info(cmd: CheckpointInfo) -> str:
+    checkpoint = resolve_checkpoint(cmd.path)
+    manifest = read_manifest(checkpoint)
+    disk = sum(p.stat().st_size for p in checkpoint.iterdir() if p.is_file())
+    if cmd.json:
+        return orjson.dumps({**manifest, "path": str(checkpoint), "disk_bytes": disk}).decode()
+    cfg = _train_config(manifest, checkpoint)
+    m = cfg.model
+    others = (
+        [p.name for _, p in list_checkpoints(checkpoint.parent.parent)]
+        if checkpoint.parent.name == "checkpoints"
+        else []
+    )
+    versions = ", ".join(f"{k} {v}" for k, v in manifest.get("versions", {}).items())
+    rows = [
+        ("checkpoint", str(checkpoint)),
+        ("step", f"{manifest['step']:,} of {cfg.steps:,}"),
+        ("tokens", f"{manifest['tokens_seen']:,} (data cursor {manifest['data_cursor']:,} instances)"),
+        (
+            "model",
+            f"{cfg.preset}: d_model {m.d_model}, {m.n_layers} layers, {m.n_heads} heads ({m.n_kv_heads} kv), "
+            f"mlp {m.mlp_hidden}, vocab {m.vocab_size}; {count_params(m) / 1e6:,.2f}M params",
+        ),
+        ("data", f"seq_len {cfg.data.seq_len}, " + (", ".join(cfg.data.paths) or "embedded stdlib corpus")),
+        (
+            "optimizer",
+            f"AdamW lr {cfg.optim.lr:g}, {cfg.schedule.decay} schedule, warmup {cfg.schedule.warmup_steps}",
+        ),
+        (
+            "tensors",
+            f"{manifest['n_tensors']} ({manifest['tensor_bytes'] / 2**20:,.1f} MiB; "
+            f"{disk / 2**20:,.1f} MiB on disk)",
+        ),
+        ("written", f"{manifest.get('created', '?')} by {versions}"),
+        ("fingerprint", manifest["config_fingerprint"]),
+    ]
+    if len(others) > 1:
+        rows.append(("in this run", ", ".join(others)))
+    return "\n".join(f"{k:<12} {v}" for k, v in rows)
+
+
+def checkpoint_export(cmd: CheckpointExport) -> Path:
+    checkpoint = resolve_checkpoint(cmd.path)
+    manifest = read_manifest(checkpoint)
+    cfg = _train_config(manifest, checkpoint)
+    template = init_params(cfg.model, device="meta").apply(lambda t: torch.empty_like(t, device="cpu"))
+    params = load_params(checkpoint, template).apply(lambda t: t.to(getattr(torch, cmd.dtype)))
+    info = {
+        "preset": cfg.preset,
+        "step": manifest["step"],
+        "tokens_seen": manifest["tokens_seen"],
+        "source": str(checkpoint),
+    }
+    return export_model(cmd.out, params, cfg.model, info)
+
+
+def _train_config(manifest: dict[str, Any], checkpoint: Path) -> TrainConfig:
+    return config_from_dict(TrainConfig, manifest["config"], where=f"{checkpoint / 'manifest.json'}: config")

@@ -1,0 +1,83 @@
+"""Worker functions for multi-process tests (importable by spawned gloo processes)."""
+
+from __future__ import annotations
+
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_tensor
+
+from olmo_fn.graph.config import ModelConfig
+from olmo_fn.graph.param_tree import flatten
+from olmo_fn.state.checkpoint import load_checkpoint, save_checkpoint
+from olmo_fn.state.train_state import TrainState, empty_train_state, init_train_state
+
+CFG = ModelConfig(d_model=16, n_layers=2, n_heads=2, n_kv_heads=2, mlp_hidden=24, vocab_size=31)
+
+
+def full_state() -> TrainState:
+    """The same state on every process: seeded params, seeded non-zero moments, counters."""
+    state = init_train_state(CFG, seed=5, device="cpu", config={"k": 1}, config_fingerprint="f")
+    gen = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for t in flatten(state.opt_state).values():
+            t.copy_(torch.rand(t.shape, generator=gen))
+    return TrainState(17, state.params, state.opt_state, 68, 4352, state.config, "f")
+
+
+def shard(state: TrainState, mesh) -> TrainState:
+    """Every leaf as a DTensor sharded on dim 0 (uneven where the size is odd)."""
+
+    def place(t):
+        return distribute_tensor(t.detach(), mesh, [Shard(0)]).requires_grad_(t.requires_grad)
+
+    return TrainState(
+        state.step,
+        state.params.apply(place),
+        state.opt_state.apply(place),
+        state.data_cursor,
+        state.tokens_seen,
+        state.config,
+        state.config_fingerprint,
+    )
+
+
+def _init(rank: int, world: int, store: Path):
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    return init_device_mesh("cpu", (world,))
+
+
+def save_sharded(rank: int, world: int, store: Path, directory: Path, errors: Path) -> None:
+    try:
+        mesh = _init(rank, world, store)
+        save_checkpoint(directory, shard(full_state(), mesh))
+    except BaseException:
+        (errors / f"rank{rank}").write_text(traceback.format_exc())
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def load_sharded(rank: int, world: int, store: Path, directory: Path, errors: Path) -> None:
+    """Load into sharded templates and check each local shard against the full tensors."""
+    try:
+        mesh = _init(rank, world, store)
+        template = shard(empty_train_state(CFG, device="cpu"), mesh)
+        loaded = load_checkpoint(directory, template)
+        expected = full_state()
+        assert (loaded.step, loaded.data_cursor, loaded.tokens_seen) == (17, 68, 4352)
+        got = flatten(loaded.params) | {f"opt.{k}": v for k, v in flatten(loaded.opt_state).items()}
+        want = flatten(expected.params) | {f"opt.{k}": v for k, v in flatten(expected.opt_state).items()}
+        for key, value in got.items():
+            local = value.to_local()
+            rows = torch.tensor_split(want[key].detach(), world, dim=0)[rank]
+            assert torch.equal(local, rows), key
+            assert torch.equal(value.full_tensor(), want[key].detach()), key
+    except BaseException:
+        (errors / f"rank{rank}").write_text(traceback.format_exc())
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
