@@ -44,14 +44,16 @@ def random_doc_ids(batch, seq, gen, p_boundary=0.15):
     return torch.cumsum(starts.long(), dim=1)
 
 
-def allowed(doc_ids):
-    """(B, S, S) bool by brute force: key k visible from query q iff k <= q and same document."""
+def allowed(doc_ids, window=0):
+    """(B, S, S) bool by brute force: key k visible from query q iff k <= q, same document, and
+    (with a window) q - k < window."""
     b, s = doc_ids.shape
     mask = torch.zeros(b, s, s, dtype=torch.bool)
     for bi in range(b):
         for q in range(s):
             for k in range(q + 1):
-                mask[bi, q, k] = bool(doc_ids[bi, q] == doc_ids[bi, k])
+                near = window == 0 or q - k < window
+                mask[bi, q, k] = bool(doc_ids[bi, q] == doc_ids[bi, k]) and near
     return mask
 
 
@@ -88,16 +90,20 @@ def swiglu(p, x):
 
 
 def block(p, x, positions, mask, cfg):
-    h = x.double() + rms_norm(
-        attention(p["attention"], x, positions, mask, cfg), p["attention_norm"], cfg.norm_eps
-    )
-    return h + rms_norm(swiglu(p["feed_forward"], h), p["feed_forward_norm"], cfg.norm_eps)
+    x = x.double()
+    norm = cfg.norm_eps
+    if cfg.block == "pre_norm":
+        h = x + attention(p["attention"], rms_norm(x, p["attention_norm"], norm), positions, mask, cfg)
+        return h + swiglu(p["feed_forward"], rms_norm(h, p["feed_forward_norm"], norm))
+    h = x + rms_norm(attention(p["attention"], x, positions, mask, cfg), p["attention_norm"], norm)
+    return h + rms_norm(swiglu(p["feed_forward"], h), p["feed_forward_norm"], norm)
 
 
-def logits(params, ids, positions, mask, cfg):
+def logits(params, ids, positions, doc_ids, cfg):
+    """The whole model; layer i attends under allowed(doc_ids, cfg.layer_window(i))."""
     x = params["embeddings"].double()[ids]
     for i in range(cfg.n_layers):
-        x = block(params["blocks"][str(i)], x, positions, mask, cfg)
+        x = block(params["blocks"][str(i)], x, positions, allowed(doc_ids, cfg.layer_window(i)), cfg)
     return rms_norm(x, params["lm_head"]["norm"], cfg.norm_eps) @ params["lm_head"]["w_out"].double().T
 
 

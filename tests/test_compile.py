@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from olmo_fn.graph import init_params
+from olmo_fn.graph.block import block_for
 from olmo_fn.graph.model import hidden_states
 from olmo_fn.graph.param_tree import flatten
 from olmo_fn.graph.presets import PRESETS
@@ -52,6 +53,8 @@ def test_compiled_block_traces_flex_attention_without_graph_breaks(gen):
     doc_ids[:, 100:] = 1
     doc_ids[1, 200:] = 2
     with torch.no_grad():
-        compiled = hidden_states(params, ids, cfg, doc_ids=doc_ids, backend="flex", block_fn=compile_block())
+        compiled = hidden_states(
+            params, ids, cfg, doc_ids=doc_ids, backend="flex", block_fn=compile_block(block_for(cfg))
+        )
         dense = hidden_states(params, ids, cfg, doc_ids=doc_ids, backend="sdpa")
     torch.testing.assert_close(compiled, dense, atol=1e-4, rtol=1e-4)

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from olmo_fn.graph import ModelConfig
 from olmo_fn.graph.attention import attend, attention
-from olmo_fn.graph.block import reordered_norm_block
+from olmo_fn.graph.block import pre_norm_block, reordered_norm_block
 from olmo_fn.graph.feed_forward import swiglu
 from olmo_fn.graph.loss import cross_entropy_sums
 from olmo_fn.graph.norms import rms_norm
@@ -149,3 +149,26 @@ def test_cross_entropy_gradient_matches_softmax_minus_onehot(gen):
     expected[0, [0, 2, 3], [1, 6, 0]] -= 1
     expected[0, 1] = 0
     torch.testing.assert_close(grad, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_pre_norm_block_matches_reference(gen):
+    cfg = ModelConfig(
+        d_model=32,
+        n_layers=1,
+        n_heads=4,
+        n_kv_heads=1,
+        mlp_hidden=64,
+        vocab_size=10,
+        qk_norm=False,
+        block="pre_norm",
+        norm_eps=1e-5,
+    )
+    p = ref.perturbed_params(cfg)["blocks", "0"]
+    x = torch.randn(2, 9, 32, generator=gen, dtype=torch.float64)
+    doc_ids = ref.random_doc_ids(2, 9, gen)
+    positions = torch.arange(9).expand(2, 9)
+    rope = rope_tables(positions, cfg.d_head, cfg.rope_theta)
+    out = pre_norm_block(p, x, rope, ref.allowed(doc_ids)[:, None], cfg)
+    torch.testing.assert_close(
+        out, ref.block(p, x, positions, ref.allowed(doc_ids), cfg), atol=1e-5, rtol=1e-5
+    )

@@ -56,10 +56,14 @@ def block_sets(block_mask):
 @given(doc_ids_strategy(max_seq=70), st.sampled_from([8, 16]))
 @settings(max_examples=60, deadline=None)
 def test_block_mask_classifies_blocks_like_brute_force(doc_ids, block_size):
+    check_block_classification(doc_ids, block_size, window=0)
+
+
+def check_block_classification(doc_ids, block_size, window):
     """Off the diagonal a key block is listed full iff every pair is allowed, partial iff some are."""
     batch, seq = doc_ids.shape
-    allowed = ref.allowed(doc_ids)
-    sets = block_sets(document_block_mask(doc_ids, block_size=block_size))
+    allowed = ref.allowed(doc_ids, window)
+    sets = block_sets(document_block_mask(doc_ids, block_size=block_size, window=window))
     n_blocks = -(-seq // block_size)
     for b in range(batch):
         for qb in range(n_blocks):
@@ -86,3 +90,25 @@ def test_flex_attention_with_block_mask_matches_reference(seq, block_size, gen):
     v = torch.randn(2, kv_heads, seq, d, generator=gen)
     out = attend(q, k, v, document_block_mask(doc_ids, block_size=block_size))
     torch.testing.assert_close(out.double(), ref.attend(q, k, v, ref.allowed(doc_ids)), atol=1e-5, rtol=1e-4)
+
+
+@given(doc_ids_strategy(max_seq=24), st.integers(1, 8))
+@settings(max_examples=40, deadline=None)
+def test_windowed_dense_mask_matches_brute_force(doc_ids, window):
+    assert torch.equal(document_causal_mask(doc_ids, window)[:, 0], ref.allowed(doc_ids, window))
+
+
+@given(doc_ids_strategy(max_seq=70), st.sampled_from([8, 16]), st.integers(1, 40))
+@settings(max_examples=60, deadline=None)
+def test_windowed_block_mask_classifies_blocks_like_brute_force(doc_ids, block_size, window):
+    check_block_classification(doc_ids, block_size, window)
+
+
+@pytest.mark.parametrize("window", [1, 17, 40])
+def test_flex_attention_with_windowed_block_mask_matches_reference(window, gen):
+    doc_ids = ref.random_doc_ids(1, 90, gen, p_boundary=0.03)
+    q, k, v = (torch.randn(1, 2, 90, 8, generator=gen) for _ in range(3))
+    out = attend(q, k, v, document_block_mask(doc_ids, block_size=16, window=window))
+    torch.testing.assert_close(
+        out.double(), ref.attend(q, k, v, ref.allowed(doc_ids, window)), atol=1e-5, rtol=1e-4
+    )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -90,7 +92,7 @@ def test_logits_match_reference_with_document_mask(backend, gen):
     if backend == "flex":  # FlexAttention runs in fp32 only on CPU
         params = params.apply(lambda t: t.float())
     out = logits(params, ids, SMALL, positions=positions, doc_ids=doc_ids, backend=backend)
-    expected = ref.logits(params, ids, positions, ref.allowed(doc_ids), SMALL)
+    expected = ref.logits(params, ids, positions, doc_ids, SMALL)
     tol = 1e-6 if backend == "sdpa" else 1e-4  # RoPE tables are fp32 by contract
     torch.testing.assert_close(out.double(), expected, atol=tol, rtol=tol)
 
@@ -98,9 +100,7 @@ def test_logits_match_reference_with_document_mask(backend, gen):
 def test_logits_default_to_causal_with_sequence_positions(gen):
     params = ref.perturbed_params(SMALL, seed=2)
     ids = torch.randint(0, 40, (1, 12), generator=gen)
-    expected = ref.logits(
-        params, ids, torch.arange(12)[None], ref.allowed(torch.zeros(1, 12, dtype=torch.long)), SMALL
-    )
+    expected = ref.logits(params, ids, torch.arange(12)[None], torch.zeros(1, 12, dtype=torch.long), SMALL)
     torch.testing.assert_close(logits(params, ids, SMALL), expected)
 
 
@@ -119,3 +119,29 @@ def test_documents_do_not_see_each_other(gen):
     alone = logits(params, ids[:, 6:], SMALL)
     torch.testing.assert_close(a[0, 6:], alone[0], atol=1e-5, rtol=1e-5)
     assert not torch.allclose(a[0, :6], b[0, :6])
+
+
+def test_layer_windows_follow_the_pattern_with_a_full_last_layer():
+    cfg = ModelConfig(
+        d_model=32, n_layers=6, n_heads=4, n_kv_heads=4, mlp_hidden=8, vocab_size=8, window_pattern=(3, 3, 0)
+    )
+    assert cfg.layer_windows == (3, 3, 0, 3, 3, 0)
+    assert dataclasses.replace(cfg, n_layers=5).layer_windows == (3, 3, 0, 3, 0)
+    assert dataclasses.replace(cfg, n_layers=5, full_last_layer=False).layer_windows == (3, 3, 0, 3, 3)
+    assert PRESETS["olmo3-7b"].layer_windows == (4096, 4096, 4096, 0) * 8
+    with pytest.raises(ConfigError, match="model.window_pattern"):
+        dataclasses.replace(cfg, window_pattern=(3, -1))
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+@pytest.mark.parametrize("with_documents", [True, False])
+def test_sliding_window_logits_match_reference(backend, with_documents, gen):
+    cfg = dataclasses.replace(SMALL, n_layers=3, window_pattern=(4, 0, 7), full_last_layer=False)
+    params = ref.perturbed_params(cfg, seed=3).apply(lambda t: t.float() if backend == "flex" else t)
+    ids = torch.randint(0, 40, (2, 21), generator=gen)
+    doc_ids = ref.random_doc_ids(2, 21, gen, p_boundary=0.1) if with_documents else None
+    out = logits(params, ids, cfg, doc_ids=doc_ids, backend=backend)
+    positions = torch.arange(21).expand(2, 21)
+    expected = ref.logits(params, ids, positions, doc_ids if with_documents else torch.zeros_like(ids), cfg)
+    tol = 1e-6 if backend == "sdpa" else 1e-4
+    torch.testing.assert_close(out.double(), expected, atol=tol, rtol=tol)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -42,19 +42,24 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any) -> torc
     return flex(q, k, v, block_mask=mask, enable_gqa=gqa)
 
 
-def attention(
+AttentionFn = Callable[
+    [Mapping[str, torch.Tensor], torch.Tensor, tuple[torch.Tensor, torch.Tensor], Any, ModelConfig],
+    torch.Tensor,
+]
+"""The signature of `attention`: what the blocks call for their attention sublayer (a KV-cached
+attention from `olmo_fn.graph.decode` is injected the same way)."""
+
+
+def project_qkv(
     p: Mapping[str, torch.Tensor],
     x: torch.Tensor,
     rope: tuple[torch.Tensor, torch.Tensor],
-    mask: Any,
     cfg: ModelConfig,
-) -> torch.Tensor:
-    """Self-attention sublayer (no residual, no output norm).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Queries, keys and values of `x`, QK-normed and rotated, split into heads.
 
-    p: ``w_q, w_k, w_v, w_out`` and, with ``cfg.qk_norm``, ``q_norm, k_norm`` (see param_tree).
-    x: (batch, seq, d_model); rope: fp32 (cos, sin) from `rope_tables`; mask: as for `attend`.
-    QK-norm normalizes the whole q and k projections before they are split into heads.
-    Returns (batch, seq, d_model).
+    p, x, rope as for `attention`. QK-norm normalizes the whole q and k projections before they are
+    split into heads. Returns q: (batch, n_heads, seq, d_head); k, v: (batch, n_kv_heads, seq, d_head).
     """
     batch, seq, _ = x.shape
     q = x @ p["w_q"].T
@@ -68,5 +73,28 @@ def attention(
     v = v.view(batch, seq, cfg.n_kv_heads, cfg.d_head)
     cos, sin = rope
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
-    return out.transpose(1, 2).reshape(batch, seq, cfg.n_heads * cfg.d_head) @ p["w_out"].T
+    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+
+def project_out(p: Mapping[str, torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+    """Merge the heads of `attend`'s output (batch, n_heads, seq, d_head) and apply ``w_out``:
+    returns (batch, seq, d_model)."""
+    batch, n_heads, seq, d_head = out.shape
+    return out.transpose(1, 2).reshape(batch, seq, n_heads * d_head) @ p["w_out"].T
+
+
+def attention(
+    p: Mapping[str, torch.Tensor],
+    x: torch.Tensor,
+    rope: tuple[torch.Tensor, torch.Tensor],
+    mask: Any,
+    cfg: ModelConfig,
+) -> torch.Tensor:
+    """Self-attention sublayer (no residual, no output norm).
+
+    p: ``w_q, w_k, w_v, w_out`` and, with ``cfg.qk_norm``, ``q_norm, k_norm`` (see param_tree).
+    x: (batch, seq, d_model); rope: fp32 (cos, sin) from `rope_tables`; mask: as for `attend`.
+    Returns (batch, seq, d_model).
+    """
+    q, k, v = project_qkv(p, x, rope, cfg)
+    return project_out(p, attend(q, k, v, mask))

@@ -1,15 +1,16 @@
-"""`ModelConfig`: the frozen description of an OLMo 2 style decoder."""
+"""`ModelConfig`: the frozen description of a decoder (OLMo 2, OLMo 3, Llama-style)."""
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 from olmo_fn.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Sizes and constants of an OLMo 2 decoder (reordered-norm blocks, QK-norm, SwiGLU, RoPE)."""
+    """Sizes and constants of a decoder: SwiGLU MLP, RoPE, RMSNorm; OLMo 2/3 or Llama-style blocks."""
 
     d_model: int = 128
     """Width of the residual stream."""
@@ -31,6 +32,13 @@ class ModelConfig:
     """RMSNorm over the whole q and k projections before splitting heads (OLMo 2)."""
     init_std: float = 0.02
     """Standard deviation of the normal init of every matrix."""
+    block: Literal["reordered_norm", "pre_norm"] = "reordered_norm"
+    """reordered_norm (OLMo 2/3): h = x + norm(attn(x)); pre_norm (Llama): h = x + attn(norm(x))."""
+    window_pattern: tuple[int, ...] = ()
+    """Sliding-window sizes repeated over the layers, 0 = full attention; a query sees itself and the
+    window-1 tokens before it. Empty: every layer full. OLMo 3: 4096 4096 4096 0."""
+    full_last_layer: bool = True
+    """With a window pattern, the last layer always attends fully (OLMo 3)."""
 
     def __post_init__(self) -> None:
         problems = validate_model_config(self)
@@ -40,6 +48,16 @@ class ModelConfig:
     @property
     def d_head(self) -> int:
         return self.d_model // self.n_heads
+
+    def layer_window(self, layer: int) -> int:
+        """The sliding window of `layer`, 0 for full attention."""
+        if not self.window_pattern or (self.full_last_layer and layer == self.n_layers - 1):
+            return 0
+        return self.window_pattern[layer % len(self.window_pattern)]
+
+    @property
+    def layer_windows(self) -> tuple[int, ...]:
+        return tuple(self.layer_window(i) for i in range(self.n_layers))
 
 
 def validate_model_config(cfg: ModelConfig) -> list[str]:
@@ -65,4 +83,9 @@ def validate_model_config(cfg: ModelConfig) -> list[str]:
         problems.append(f"model.norm_eps={cfg.norm_eps!r} must be > 0")
     if not cfg.init_std > 0:
         problems.append(f"model.init_std={cfg.init_std!r} must be > 0")
+    if cfg.block not in ("reordered_norm", "pre_norm"):
+        problems.append(f"model.block={cfg.block!r} must be reordered_norm or pre_norm")
+    bad_windows = [w for w in cfg.window_pattern if not isinstance(w, int) or isinstance(w, bool) or w < 0]
+    if bad_windows:
+        problems.append(f"model.window_pattern={cfg.window_pattern!r} must hold integers >= 0 (0 = full)")
     return problems

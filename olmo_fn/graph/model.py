@@ -8,7 +8,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-from olmo_fn.graph.block import reordered_norm_block
+from olmo_fn.graph.block import block_for
 from olmo_fn.graph.config import ModelConfig
 from olmo_fn.graph.loss import IGNORE_INDEX, cross_entropy_sums
 from olmo_fn.graph.masks import document_block_mask, document_causal_mask
@@ -21,8 +21,9 @@ BlockFn = Callable[
 ]
 
 
-def attention_mask(doc_ids: torch.Tensor | None, backend: AttentionBackend) -> Any:
-    """The mask object `attend` takes: None (plain causal) without document ids, else a document mask.
+def attention_mask(doc_ids: torch.Tensor | None, backend: AttentionBackend, window: int = 0) -> Any:
+    """The mask object `attend` takes: None (plain causal) without document ids, else a document mask,
+    within a sliding `window` if it is not 0.
 
     backend "auto" picks FlexAttention on CUDA and SDPA with a dense boolean mask elsewhere.
     """
@@ -31,8 +32,8 @@ def attention_mask(doc_ids: torch.Tensor | None, backend: AttentionBackend) -> A
     if backend == "auto":
         backend = "flex" if doc_ids.is_cuda else "sdpa"
     if backend == "flex":
-        return document_block_mask(doc_ids)
-    return document_causal_mask(doc_ids)
+        return document_block_mask(doc_ids, window=window)
+    return document_causal_mask(doc_ids, window=window)
 
 
 def hidden_states(
@@ -43,23 +44,30 @@ def hidden_states(
     positions: torch.Tensor | None = None,
     doc_ids: torch.Tensor | None = None,
     backend: AttentionBackend = "auto",
-    block_fn: BlockFn = reordered_norm_block,
+    block_fn: BlockFn | None = None,
 ) -> torch.Tensor:
     """Embedding and every block present in ``params["blocks"]``, in layer order.
 
     input_ids: (batch, seq) int. positions: (batch, seq) int RoPE positions, default ``0..seq-1``
     (pass per-document positions to restart RoPE at each document). doc_ids: (batch, seq) int,
     non-decreasing; with them attention is causal within documents, without them plainly causal.
+    Layers with a sliding window (``cfg.layer_window``) also see only that many recent tokens.
+    block_fn: defaults to the block ``cfg.block`` names (pass a compiled one to compile).
     Returns (batch, seq, d_model) in the parameters' dtype, before the final norm.
     """
     if positions is None:
         positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+    block_fn = block_fn or block_for(cfg)
     rope = rope_tables(positions, cfg.d_head, cfg.rope_theta)
-    mask = attention_mask(doc_ids, backend)
-    x = F.embedding(input_ids, params["embeddings"])
     blocks = params["blocks"]
-    for key in sorted(blocks.keys(), key=int):
-        x = block_fn(blocks[key], x, rope, mask, cfg)
+    layers = sorted(blocks.keys(), key=int)
+    windows = {int(key): cfg.layer_window(int(key)) for key in layers}
+    # Sliding windows need a mask even without document ids: then each row is one document.
+    window_ids = doc_ids if doc_ids is not None or not any(windows.values()) else torch.zeros_like(input_ids)
+    masks = {w: attention_mask(window_ids if w else doc_ids, backend, w) for w in set(windows.values())}
+    x = F.embedding(input_ids, params["embeddings"])
+    for key in layers:
+        x = block_fn(blocks[key], x, rope, masks[windows[int(key)]], cfg)
     return x
 
 

@@ -1,6 +1,8 @@
-"""Named model sizes: every OLMo 2 size and a tiny model that trains on a laptop CPU."""
+"""Named model sizes: every OLMo 2 size, OLMo 3 7B, Llama 3 8B, and a tiny model for a laptop CPU."""
 
 from __future__ import annotations
+
+import dataclasses
 
 from olmo_fn.errors import ConfigError
 from olmo_fn.graph.config import ModelConfig
@@ -18,6 +20,10 @@ def _olmo2(d_model: int, n_layers: int, n_heads: int, n_kv_heads: int, mlp_hidde
         mlp_hidden=mlp_hidden,
         vocab_size=DOLMA2_VOCAB,
     )
+
+
+OLMO3_WINDOWS = (4096, 4096, 4096, 0)
+"""OLMo 3's attention pattern: three sliding-window layers, then one full (the last layer full)."""
 
 
 PRESETS: dict[str, ModelConfig] = {
@@ -38,6 +44,18 @@ PRESETS: dict[str, ModelConfig] = {
     "olmo2-7b": _olmo2(4096, 32, 32, 32, 11008),
     "olmo2-13b": _olmo2(5120, 40, 40, 40, 13824),
     "olmo2-32b": _olmo2(5120, 64, 40, 8, 27648),
+    "olmo3-7b": dataclasses.replace(_olmo2(4096, 32, 32, 32, 11008), window_pattern=OLMO3_WINDOWS),
+    "llama3-8b": ModelConfig(
+        d_model=4096,
+        n_layers=32,
+        n_heads=32,
+        n_kv_heads=8,
+        mlp_hidden=14336,
+        vocab_size=128_256,
+        norm_eps=1e-5,
+        qk_norm=False,
+        block="pre_norm",
+    ),
 }
 
 

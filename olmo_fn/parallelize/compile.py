@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from olmo_fn.graph.block import reordered_norm_block
 from olmo_fn.graph.model import BlockFn
 
 
-def compile_block(block_fn: BlockFn = reordered_norm_block, *, fullgraph: bool = True) -> BlockFn:
+def compile_block(block_fn: BlockFn, *, fullgraph: bool = True) -> BlockFn:
     """`block_fn` under torch.compile (static shapes; `fullgraph` refuses silent graph breaks)."""
     return torch.compile(block_fn, dynamic=False, fullgraph=fullgraph)

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import torch
 
-from olmo_fn.graph.block import reordered_norm_block
+from olmo_fn.graph.block import block_for
 from olmo_fn.graph.config import ModelConfig
 from olmo_fn.graph.model import AttentionBackend, loss_sums
 from olmo_fn.graph.param_tree import flatten
@@ -53,7 +53,7 @@ def make_train_step(settings: StepSettings) -> StepFn:
     and belong to the returned state. Metrics are 0-dim tensors (no host sync) plus ``lr``.
     """
     cfg = settings.model
-    block_fn = compile_block() if settings.compile else reordered_norm_block
+    block_fn = compile_block(block_for(cfg)) if settings.compile else block_for(cfg)
 
     def objective(params, mb: Batch, n_targets: torch.Tensor):
         kwargs = {}
