@@ -16,6 +16,7 @@ from typing import Any, Literal
 import orjson
 
 from olmo_fn.errors import ConfigError
+from olmo_fn.evaluate import EvalConfig
 from olmo_fn.graph.config import ModelConfig
 from olmo_fn.graph.model import AttentionBackend
 from olmo_fn.graph.presets import PRESETS
@@ -64,6 +65,7 @@ class TrainConfig:
     compile: Literal["auto", "on", "off"] = "auto"
     """Compile the transformer block with torch.compile (one graph for all layers). auto: on for CUDA."""
     checkpoint: CheckpointConfig = CheckpointConfig()
+    eval: EvalConfig = EvalConfig()
     run_dir: str | None = None
     """Where config.json, metrics.jsonl and checkpoints go. Default: runs/<preset>-<date>-<time>.
     A directory that already holds a run is resumed from its newest complete checkpoint."""
@@ -108,20 +110,24 @@ RUNTIME_FIELDS = frozenset(
         "dtype",
         "compile",
         "checkpoint",
+        "eval",
         "run_dir",
         "resume",
         "allow_config_change",
+        "data.tokenizer",  # describes the token files; the tokens themselves are what train
     }
 )
-"""Top-level TrainConfig fields that change how a run executes, not what it computes. Every other
-field (model, data, optim, schedule, steps, batch size, seed, ...) changes the training math."""
+"""TrainConfig fields (dotted for nested ones) that change how a run executes or describe it, not what
+it computes. Every other field (model, data, optim, schedule, steps, batch size, seed, ...) changes
+the training math."""
 
 
 def math_fields(config: TrainConfig | dict[str, Any]) -> dict[str, Any]:
     """The fields of a config (dataclass or its JSON dict) that change the training math, flattened
     to dotted names."""
     data = config_to_dict(config) if dataclasses.is_dataclass(config) else config
-    return _flatten({k: v for k, v in data.items() if k not in RUNTIME_FIELDS})
+    flat = _flatten(data)
+    return {k: v for k, v in flat.items() if not any(k == f or k.startswith(f + ".") for f in RUNTIME_FIELDS)}
 
 
 def config_fingerprint(config: TrainConfig | dict[str, Any]) -> str:

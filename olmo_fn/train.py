@@ -13,9 +13,10 @@ import torch
 
 from olmo_fn.config import TrainConfig, config_fingerprint, config_to_dict, math_differences
 from olmo_fn.errors import CheckpointError, ConfigError, OlmoFnError
+from olmo_fn.evaluate import evaluate, open_eval_data
 from olmo_fn.graph.flops import count_params
 from olmo_fn.io.atomic import write_json
-from olmo_fn.io.loader import open_training_data
+from olmo_fn.io.loader import Prefetcher, open_training_data
 from olmo_fn.io.metrics_log import MetricsLog, truncate_metrics
 from olmo_fn.progress import StepProgress
 from olmo_fn.runtime import device_name, resolve_compile, resolve_device, resolve_dtype
@@ -86,7 +87,9 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
     if cfg.resume and cfg.run_dir is None:
         raise ConfigError("--resume needs --run-dir: the run directory to resume")
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
-    data = open_training_data(cfg.data, cfg.model.vocab_size)
+    total_instances = cfg.steps * cfg.global_batch_size
+    data = open_training_data(cfg.data, cfg.model.vocab_size, seed=cfg.seed, total_instances=total_instances)
+    eval_data = open_eval_data(cfg.eval, cfg.data, cfg.model.vocab_size)
     state = start_state(cfg, run_dir, device, verbose=progress)
     write_json(run_dir / "config.json", config_to_dict(cfg))
     if state.step >= cfg.steps:
@@ -109,7 +112,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
     step_fn = make_train_step(settings)
     _say(
         progress,
-        f"{cfg.preset}: {count_params(cfg.model) / 1e6:,.2f}M params, {len(data.chunks):,} instances "
+        f"{cfg.preset}: {count_params(cfg.model) / 1e6:,.2f}M params, {len(data):,} instances "
         f"of {cfg.data.seq_len} tokens, {cfg.steps} steps x {cfg.global_batch_size * cfg.data.seq_len:,} "
         f"tokens on {device_name(device)}, {str(settings.compute_dtype).removeprefix('torch.')}"
         f"{', compiled' if settings.compile else ''} -> {run_dir}",
@@ -118,41 +121,55 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
     # On an asynchronous device, step k's metrics are read only after step k+1 is queued, so the
     # device never idles while the host waits; the time between reads is then one step's time.
     lag = 1 if device.type == "cuda" else 0
-    pending: list[tuple[int, dict, int, int]] = []
+    pending: list[dict] = []
     last_read = time.perf_counter()
     with (
         MetricsLog(run_dir / "metrics.jsonl") as log,
         StepProgress(cfg.steps, start=state.step, enabled=progress) as bar,
         CheckpointWriter(run_dir, cfg.checkpoint) as checkpoints,
+        Prefetcher(
+            lambda cursor: data.batch(cursor, cfg.global_batch_size),
+            state.data_cursor,
+            cfg.global_batch_size,
+            pin=device.type == "cuda",
+        ) as batches,
     ):
 
-        def record(step: int, metrics: dict, n_tokens: int, tokens_seen: int) -> None:
+        def record(row: dict) -> None:
             nonlocal last_read
-            values = {k: v.item() if hasattr(v, "item") else v for k, v in metrics.items()}
+            row = {k: v.item() if hasattr(v, "item") else v for k, v in row.items()}
             now = time.perf_counter()
-            row = {
-                "step": step,
-                **values,
-                "tokens_per_s": n_tokens / (now - last_read),
-                "tokens_seen": tokens_seen,
-            }
+            row["tokens_per_s"] = row.pop("n_tokens") / (now - last_read - row.get("eval_s", 0.0))
             last_read = now
             log.write(row)
-            bar.update(step, row["loss"], row["tokens_per_s"])
+            bar.update(row["step"], row["loss"], row["tokens_per_s"])
             if not math.isfinite(row["loss"]):
                 raise TrainingError(
-                    f"loss is {row['loss']} at step {step} (lr {row['lr']:.3g}, "
+                    f"loss is {row['loss']} at step {row['step']} (lr {row['lr']:.3g}, "
                     f"grad norm {row['grad_norm']:.3g}); metrics so far are in {log.path}"
                 )
 
         while state.step < cfg.steps:
-            batch = data.batch(state.data_cursor, cfg.global_batch_size, seed=cfg.seed).to(device)
-            state, metrics = step_fn(state, batch)
-            pending.append((state.step, metrics, batch.n_tokens, state.tokens_seen))
+            waited = batches.wait_s
+            cursor, batch = batches.next()
+            assert cursor == state.data_cursor, (cursor, state.data_cursor)
+            state, metrics = step_fn(state, batch.to(device))
+            row = {
+                "step": state.step,
+                **metrics,
+                "n_tokens": batch.n_tokens,
+                "tokens_seen": state.tokens_seen,
+            }
+            row["data_wait_s"] = batches.wait_s - waited
+            if eval_data is not None and (state.step % cfg.eval.interval == 0 or state.step == cfg.steps):
+                started = time.perf_counter()
+                row.update(evaluate(state.params, eval_data, settings, device))
+                row["eval_s"] = time.perf_counter() - started
+            pending.append(row)
             while len(pending) > lag:
-                record(*pending.pop(0))
+                record(pending.pop(0))
             if checkpoints.due(state.step, cfg.steps):
                 checkpoints.save(state)
         while pending:
-            record(*pending.pop(0))
+            record(pending.pop(0))
     return run_dir

@@ -29,7 +29,7 @@ def stdlib_data() -> TrainingData:
 @pytest.fixture(scope="module")
 def stdlib_sources(stdlib_data) -> dict[str, bytes]:
     """Contents of the source files the corpus says it holds (its JSON listing), read from disk."""
-    listing = orjson.loads(stdlib_data.chunks.paths[0].with_suffix(".json").read_bytes())
+    listing = orjson.loads(stdlib_data.sources[0].paths[0].with_suffix(".json").read_bytes())
     root = Path(sysconfig.get_paths()["stdlib"])
     return {rel: (root / rel).read_bytes() for rel in listing["files"]}
 
@@ -40,10 +40,10 @@ def stdlib_sources(stdlib_data) -> dict[str, bytes]:
 def test_stdlib_corpus_is_usable(stdlib_data):
     assert stdlib_data.eos_token_id == BYTE_EOS
     assert stdlib_data.vocab_size == TINY_VOCAB
-    assert stdlib_data.chunks.seq_len == DataConfig().seq_len
-    assert len(stdlib_data.chunks) > 1000  # about 4 MB of text in 256-token instances
+    assert stdlib_data.sources[0].seq_len == DataConfig().seq_len
+    assert len(stdlib_data.sources[0]) > 1000  # about 4 MB of text in 256-token instances
 
-    batch = stdlib_data.batch(0, 4, seed=0)
+    batch = stdlib_data.batch(0, 4)
     assert batch.input_ids.shape == (4, DataConfig().seq_len)
     assert int(batch.input_ids.min()) >= 0
     assert int(batch.input_ids.max()) <= BYTE_EOS, "only bytes and EOS, never PAD"
@@ -51,7 +51,7 @@ def test_stdlib_corpus_is_usable(stdlib_data):
 
 def test_stdlib_corpus_documents_are_whole_source_files(stdlib_data, stdlib_sources):
     """Document k of the file is the k-th listed source file, byte for byte, and it is Python."""
-    tokens = np.asarray(stdlib_data.chunks.arrays[0])
+    tokens = np.asarray(stdlib_data.sources[0].arrays[0])
     ends = np.flatnonzero(tokens == BYTE_EOS)
     assert len(ends) == len(stdlib_sources), "one EOS-ended document per source file"
     assert ends[-1] == len(tokens) - 1, "the last document is ended by EOS too"
@@ -66,7 +66,7 @@ def test_stdlib_corpus_documents_are_whole_source_files(stdlib_data, stdlib_sour
 
 def test_stdlib_batches_decode_to_source_text(stdlib_data, stdlib_sources):
     """Every EOS-free stretch of a shuffled batch row is a piece of one of the source files."""
-    batch = stdlib_data.batch(1234, 8, seed=3)
+    batch = open_training_data(DataConfig(), TINY_VOCAB, seed=3).batch(1234, 8)
     sources = list(stdlib_sources.values())
     keywords = 0
     for row in batch.input_ids.tolist():
@@ -86,7 +86,7 @@ def _split_at_eos(row: list[int]) -> list[np.ndarray]:
 
 
 def test_stdlib_corpus_is_cached(stdlib_data, isolated_cache, monkeypatch):
-    path = stdlib_data.chunks.paths[0]
+    path = stdlib_data.sources[0].paths[0]
     assert path.parent == isolated_cache == Path(os.environ["OLMO_FN_CACHE"])
     before = path.stat().st_mtime_ns
 
@@ -95,7 +95,7 @@ def test_stdlib_corpus_is_cached(stdlib_data, isolated_cache, monkeypatch):
 
     monkeypatch.setattr(stdlib_corpus, "write_token_file", must_not_write)
     again = open_training_data(DataConfig(), TINY_VOCAB)
-    assert again.chunks.paths == (path,)
+    assert again.sources[0].paths == (path,)
     assert path.stat().st_mtime_ns == before
 
 
@@ -182,7 +182,7 @@ def test_uint32_files_for_a_large_vocab(tmp_path, dtype, setting):
     data = open_training_data(
         DataConfig(paths=(str(path),), eos_token_id=100_257, seq_len=8, dtype=setting), 100_352
     )
-    assert data.batch(0, 1, seed=0).input_ids.tolist() == [ids.astype(np.int64).tolist()]
+    assert data.batch(0, 1).input_ids.tolist() == [ids.astype(np.int64).tolist()]
 
 
 def test_explicit_uint16_with_a_large_vocab(tmp_path):
@@ -192,27 +192,31 @@ def test_explicit_uint16_with_a_large_vocab(tmp_path):
     data = open_training_data(
         DataConfig(paths=(str(path),), eos_token_id=3, seq_len=16, dtype="uint16"), 100_352
     )
-    assert data.batch(0, 1, seed=0).input_ids.tolist() == [list(range(16))]
+    assert data.batch(0, 1).input_ids.tolist() == [list(range(16))]
 
 
 # ---- batches by cursor --------------------------------------------------------------------------
 
 
 @pytest.fixture
-def small_data(tmp_path) -> tuple[TrainingData, list[np.ndarray]]:
+def small_data(tmp_path):
+    """(open(seed) -> TrainingData, the arrays of the three files)."""
     paths = _files(tmp_path, ["a.npy", "b.npy", "c.npy"], length=40)
-    data = open_training_data(
-        DataConfig(paths=(str(tmp_path / "*.npy"),), eos_token_id=99, seq_len=8), TINY_VOCAB
-    )
-    return data, [np.fromfile(p, dtype=np.uint16) for p in paths]
+    cfg = DataConfig(paths=(str(tmp_path / "*.npy"),), eos_token_id=99, seq_len=8)
+
+    def opened(seed: int) -> TrainingData:
+        return open_training_data(cfg, TINY_VOCAB, seed=seed)
+
+    return opened, [np.fromfile(p, dtype=np.uint16) for p in paths]
 
 
 def test_batch_rows_are_file_slices_in_shuffled_order(small_data):
-    data, arrays = small_data
+    opened, arrays = small_data
     reference = [a[k * 8 : (k + 1) * 8] for a in arrays for k in range(len(a) // 8)]
-    assert len(data.chunks) == len(reference) == 15
+    data = opened(4)
+    assert len(data) == len(reference) == 15
 
-    batch = data.batch(10, 12, seed=4)  # straddles the first epoch boundary
+    batch = data.batch(10, 12)  # straddles the first epoch boundary
     order = instance_indices(10, 12, seed=4, n_instances=15)
     expected = np.stack([reference[i] for i in order]).astype(np.int64)
     assert batch.input_ids.tolist() == expected.tolist()
@@ -220,20 +224,22 @@ def test_batch_rows_are_file_slices_in_shuffled_order(small_data):
 
 
 def test_batch_is_deterministic_in_cursor_and_seed(small_data):
-    data, _ = small_data
-    a = data.batch(3, 6, seed=1)
-    b = data.batch(3, 6, seed=1)
+    opened, _ = small_data
+    data = opened(1)
+    a = data.batch(3, 6)
+    b = opened(1).batch(3, 6)
     for x, y in zip(
         (a.input_ids, a.labels, a.doc_ids, a.positions),
         (b.input_ids, b.labels, b.doc_ids, b.positions),
         strict=True,
     ):
         assert torch.equal(x, y)
-    assert not torch.equal(data.batch(3, 6, seed=2).input_ids, a.input_ids)
-    assert not torch.equal(data.batch(4, 6, seed=1).input_ids, a.input_ids)
+    assert not torch.equal(opened(2).batch(3, 6).input_ids, a.input_ids)
+    assert not torch.equal(data.batch(4, 6).input_ids, a.input_ids)
 
 
 def test_consecutive_batches_equal_one_big_batch(small_data):
-    data, _ = small_data
-    parts = [data.batch(c, 5, seed=0).input_ids for c in range(0, 40, 5)]
-    assert torch.equal(torch.cat(parts), data.batch(0, 40, seed=0).input_ids)
+    opened, _ = small_data
+    data = opened(0)
+    parts = [data.batch(c, 5).input_ids for c in range(0, 40, 5)]
+    assert torch.equal(torch.cat(parts), data.batch(0, 40).input_ids)

@@ -11,7 +11,7 @@ import torch
 from olmo_fn.errors import DataError
 from olmo_fn.graph.loss import IGNORE_INDEX
 from olmo_fn.io.batch import Batch
-from olmo_fn.io.token_file import open_token_file
+from olmo_fn.io.token_file import check_token_range, open_token_file
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,13 +57,7 @@ class ChunkedTokens:
         for row, index in enumerate(indices):
             f, offset = self.locate(int(index))
             chunk = self.arrays[f][offset : offset + self.seq_len]
-            biggest = int(chunk.max())
-            if biggest >= vocab_size:
-                at = offset + int(np.argmax(chunk >= vocab_size))
-                raise DataError(
-                    f"{self.paths[f]}: token id {biggest} at token offset {at} is >= the model's "
-                    f"vocab_size={vocab_size} (wrong dtype, wrong tokenizer, or model.vocab_size too small)"
-                )
+            check_token_range(chunk, vocab_size, self.paths[f], offset)
             out[row] = chunk
         return out
 

@@ -48,3 +48,14 @@ def write_token_file(path: str | os.PathLike, tokens: np.ndarray) -> Path:
         raise DataError(f"{path}: token arrays are uint16 or uint32, got {tokens.dtype}")
     data = np.ascontiguousarray(tokens).tobytes()
     return atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def check_token_range(tokens: np.ndarray, vocab_size: int, path: Path, offset: int) -> None:
+    """DataError naming the file and token offset if any id in `tokens` is >= `vocab_size`."""
+    biggest = int(tokens.max()) if len(tokens) else 0
+    if biggest >= vocab_size:
+        at = offset + int(np.argmax(tokens >= vocab_size))
+        raise DataError(
+            f"{path}: token id {biggest} at token offset {at} is >= the model's vocab_size={vocab_size} "
+            "(wrong dtype, wrong tokenizer, or model.vocab_size too small)"
+        )

@@ -1,0 +1,129 @@
+"""In-loop evaluation: loss and bits per byte on held-out token files."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import numpy as np
+import orjson
+import torch
+
+from olmo_fn.errors import ConfigError
+from olmo_fn.graph.model import loss_sums
+from olmo_fn.io.batch import Batch
+from olmo_fn.io.byte_tokenizer import BYTE_EOS
+from olmo_fn.io.instances import ChunkedTokens, make_batch
+from olmo_fn.io.loader import DataConfig, expand_paths
+from olmo_fn.io.stdlib_corpus import stdlib_token_file
+from olmo_fn.io.token_file import TOKEN_DTYPES, token_dtype
+from olmo_fn.parallelize.mixed_precision import compute_params
+from olmo_fn.state.train_step import StepSettings
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Held-out evaluation during training, logged to metrics.jsonl as eval/NAME/loss and .../bpb."""
+
+    paths: tuple[str, ...] = ()
+    """Held-out token files (same format, tokenizer and EOS as the training data). Empty: the embedded
+    corpus's held-out split when training on the embedded corpus, else no evaluation."""
+    name: str = "val"
+    """Name in the metrics (eval/NAME/loss)."""
+    interval: int = 100
+    """Evaluate every this many steps and after the last step; 0: never."""
+    max_instances: int = 64
+    """How many instances of data.seq_len tokens to evaluate on (the first ones, in file order)."""
+    batch_size: int = 16
+    """Instances per forward pass."""
+
+    def __post_init__(self) -> None:
+        for field in ("interval", "max_instances", "batch_size"):
+            if getattr(self, field) < (0 if field == "interval" else 1):
+                raise ConfigError(f"eval.{field}={getattr(self, field)} is out of range")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalData:
+    """The fixed evaluation batches and the UTF-8 bytes each token id stands for (None if unknown)."""
+
+    name: str
+    batches: tuple[Batch, ...]
+    bytes_per_token: np.ndarray | None
+
+
+def open_eval_data(cfg: EvalConfig, data: DataConfig, vocab_size: int) -> EvalData | None:
+    """The evaluation set, or None when there is none to run."""
+    embedded = not (data.paths or data.sources)
+    if (not cfg.paths and not embedded) or cfg.interval == 0:
+        return None
+    paths = expand_paths(cfg.paths, "eval.paths") if cfg.paths else [stdlib_token_file("validation")]
+    eos = BYTE_EOS if embedded else data.eos_token_id
+    dtype = np.dtype(token_dtype(vocab_size) if data.dtype == "auto" else TOKEN_DTYPES[data.dtype])
+    chunks = ChunkedTokens.open(paths, dtype, data.seq_len)
+    indices = np.arange(min(cfg.max_instances, len(chunks)))
+    batches = tuple(
+        make_batch(chunks.tokens(part, vocab_size), eos)
+        for part in np.array_split(indices, math.ceil(len(indices) / cfg.batch_size))
+    )
+    return EvalData(cfg.name, batches, bytes_per_token(data.tokenizer, vocab_size))
+
+
+def bytes_per_token(tokenizer: str, vocab_size: int) -> np.ndarray | None:
+    """UTF-8 bytes of text each token id stands for (special tokens: 0); None if the tokenizer
+    cannot say (then no bits per byte)."""
+    if tokenizer == "bytes":
+        counts = np.zeros(vocab_size, np.int64)
+        counts[:256] = 1
+        return counts
+    return _tokenizer_json_bytes(tokenizer, vocab_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer_json_bytes(path: str, vocab_size: int) -> np.ndarray | None:
+    from tokenizers import Tokenizer
+
+    try:
+        tok = Tokenizer.from_file(path)
+    except Exception:
+        return None
+    spec = orjson.loads(tok.to_str())
+    byte_level = (spec.get("decoder") or {}).get("type") == "ByteLevel"
+    special = {added["id"] for added in spec.get("added_tokens", []) if added.get("special")}
+    counts = np.zeros(vocab_size, np.int64)
+    for token_id in range(min(vocab_size, tok.get_vocab_size())):
+        token = tok.id_to_token(token_id)
+        if token is None or token_id in special:
+            continue
+        # Byte-level BPE spells every byte as one character; otherwise decode the token alone.
+        counts[token_id] = len(token) if byte_level else len(tok.decode([token_id]).encode("utf-8"))
+    return counts
+
+
+@torch.no_grad()
+def evaluate(params, eval_data: EvalData, settings: StepSettings, device: torch.device) -> dict[str, float]:
+    """``eval/NAME/loss`` (mean cross-entropy, nats), ``.../bpb`` (bits per byte), ``.../tokens``."""
+    ce_total, targets, n_bytes = 0.0, 0, 0
+    compute = compute_params(params, settings.compute_dtype)
+    for batch in eval_data.batches:
+        batch = batch.to(device)
+        kwargs = {"positions": batch.positions, "doc_ids": batch.doc_ids} if settings.document_masking else {}
+        ce_sum, _, n = loss_sums(
+            compute,
+            batch.input_ids,
+            batch.labels,
+            settings.model,
+            backend=settings.attention_backend,
+            **kwargs,
+        )
+        ce_total += float(ce_sum)
+        targets += int(n)
+        if eval_data.bytes_per_token is not None:
+            labels = batch.labels[batch.labels >= 0].cpu().numpy()
+            n_bytes += int(eval_data.bytes_per_token[labels].sum())
+    prefix = f"eval/{eval_data.name}"
+    out = {f"{prefix}/loss": ce_total / max(1, targets), f"{prefix}/tokens": targets}
+    if n_bytes:
+        out[f"{prefix}/bpb"] = ce_total / math.log(2) / n_bytes
+    return out
