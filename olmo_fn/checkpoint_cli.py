@@ -11,11 +11,10 @@ import torch
 import tyro
 
 from olmo_fn.config import TrainConfig, config_from_dict
-from olmo_fn.errors import CheckpointError
 from olmo_fn.graph.flops import count_params
-from olmo_fn.graph.init import init_params
+from olmo_fn.io.model_source import load_model
 from olmo_fn.io.safetensors_export import export_model
-from olmo_fn.state.checkpoint import latest_checkpoint, list_checkpoints, load_params, read_manifest
+from olmo_fn.state.checkpoint import list_checkpoints, read_manifest, resolve_checkpoint
 
 PathArg = Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="PATH")]
 
@@ -40,17 +39,6 @@ class CheckpointExport:
     """A new (or empty) directory for model.safetensors and config.json."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """dtype of the exported weights."""
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory itself, or the newest complete checkpoint of a run directory."""
-    path = Path(path)
-    if (path / "manifest.json").exists() or not (path / "checkpoints").is_dir():
-        return path
-    newest = latest_checkpoint(path)
-    if newest is None:
-        raise CheckpointError(f"{path}: run directory holds no complete checkpoint")
-    return newest
 
 
 def checkpoint_info(cmd: CheckpointInfo) -> str:
@@ -97,16 +85,17 @@ def checkpoint_info(cmd: CheckpointInfo) -> str:
 def checkpoint_export(cmd: CheckpointExport) -> Path:
     checkpoint = resolve_checkpoint(cmd.path)
     manifest = read_manifest(checkpoint)
-    cfg = _train_config(manifest, checkpoint)
-    template = init_params(cfg.model, device="meta").apply(lambda t: torch.empty_like(t, device="cpu"))
-    params = load_params(checkpoint, template).apply(lambda t: t.to(getattr(torch, cmd.dtype)))
+    model = load_model(checkpoint, dtype=getattr(torch, cmd.dtype))
     info = {
-        "preset": cfg.preset,
+        "preset": manifest["config"].get("preset"),
         "step": manifest["step"],
         "tokens_seen": manifest["tokens_seen"],
         "source": str(checkpoint),
+        "tokenizer": model.tokenizer,
+        "eos_token_id": model.eos_token_id,
     }
-    return export_model(cmd.out, params, cfg.model, info)
+    tokenizer_file = model.tokenizer if model.tokenizer not in (None, "bytes") else None
+    return export_model(cmd.out, model.params, model.cfg, info, tokenizer=tokenizer_file)
 
 
 def _train_config(manifest: dict[str, Any], checkpoint: Path) -> TrainConfig:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import orjson
 import torch
 from tensordict import TensorDict
 
+from olmo_fn.config import config_from_dict
 from olmo_fn.errors import CheckpointError
 from olmo_fn.graph.config import ModelConfig
 from olmo_fn.graph.param_tree import flatten, unflatten
@@ -22,12 +24,21 @@ from olmo_fn.io.atomic import atomic_write, write_json
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
+TOKENIZER = "tokenizer.json"
 
 
 def export_model(
-    out: str | os.PathLike, params: TensorDict, model: ModelConfig, info: dict[str, Any] | None = None
+    out: str | os.PathLike,
+    params: TensorDict,
+    model: ModelConfig,
+    info: dict[str, Any] | None = None,
+    tokenizer: str | os.PathLike | None = None,
 ) -> Path:
-    """Write `params` and `model` into the new directory `out` (refused if it holds files already)."""
+    """Write `params` and `model` into the new directory `out` (refused if it holds files already).
+
+    `info` (provenance, EOS id, ...) goes into config.json beside the model. A `tokenizer` file
+    (tokenizer.json) is copied in and recorded as ``"tokenizer": "tokenizer.json"``.
+    """
     from safetensors.torch import save_file
 
     out = Path(out)
@@ -37,7 +48,11 @@ def export_model(
     tensors = {path: t.detach().contiguous() for path, t in flatten(params).items()}
     metadata = {"format": "olmo_fn", **{k: str(v) for k, v in (info or {}).items()}}
     atomic_write(out / WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
-    write_json(out / CONFIG, {"model": dataclasses.asdict(model), **(info or {})})
+    info = dict(info or {})
+    if tokenizer is not None:
+        shutil.copyfile(tokenizer, out / TOKENIZER)
+        info["tokenizer"] = TOKENIZER
+    write_json(out / CONFIG, {"model": dataclasses.asdict(model), **info})
     return out
 
 
@@ -53,9 +68,10 @@ def load_exported(
         if not (directory / name).is_file():
             raise CheckpointError(f"{directory / name}: not found (not an exported olmo_fn model)")
     try:
-        model = ModelConfig(**orjson.loads((directory / CONFIG).read_bytes())["model"])
+        data = orjson.loads((directory / CONFIG).read_bytes())["model"]
     except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{directory / CONFIG}: not a valid exported config ({exc})") from None
+    model = config_from_dict(ModelConfig, data, where=f"{directory / CONFIG}: model")
     try:
         tensors = load_file(str(directory / WEIGHTS), device=str(device))
     except SafetensorError as exc:

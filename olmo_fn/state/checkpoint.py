@@ -69,6 +69,17 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return found[-1][1] if found else None
 
 
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory itself, or the newest complete checkpoint of a run directory."""
+    path = Path(path)
+    if (path / "manifest.json").exists() or not (path / "checkpoints").is_dir():
+        return path
+    newest = latest_checkpoint(path)
+    if newest is None:
+        raise CheckpointError(f"{path}: run directory holds no complete checkpoint")
+    return newest
+
+
 def _tensors(state: TrainState) -> dict[str, Any]:
     return {"params": flatten(state.params), "opt": {k: flatten(v) for k, v in state.opt_state.items()}}
 

@@ -1,0 +1,74 @@
+"""Load a model for inference from wherever it lives: a run directory, a checkpoint, an olmo_fn export,
+or a Hugging Face model directory."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import orjson
+import torch
+from tensordict import TensorDict
+
+from olmo_fn.config import TrainConfig, config_from_dict
+from olmo_fn.errors import CheckpointError
+from olmo_fn.graph.config import ModelConfig
+from olmo_fn.graph.init import init_params
+from olmo_fn.io.byte_tokenizer import BYTE_EOS
+from olmo_fn.io.hf_checkpoint import is_hf_dir, read_hf_model
+from olmo_fn.io.safetensors_export import load_exported
+from olmo_fn.state.checkpoint import load_params, read_manifest, resolve_checkpoint
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+    """A model ready for inference, with what is known about its tokenizer."""
+
+    cfg: ModelConfig
+    params: TensorDict
+    tokenizer: str | None
+    """"bytes", a tokenizer.json path, or None when the source does not say."""
+    eos_token_id: int | None
+    source: str
+    """What was read: "checkpoint", "export" or "huggingface"."""
+
+
+def load_model(
+    path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> LoadedModel:
+    """Read the model at `path` (see the module docstring) onto `device` in `dtype`."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such model, checkpoint or run directory")
+    if is_hf_dir(path):
+        cfg, params, _ = read_hf_model(path, device=device, dtype=dtype)
+        config = orjson.loads((path / "config.json").read_bytes())
+        tokenizer = str(path / "tokenizer.json") if (path / "tokenizer.json").is_file() else None
+        eos = config.get("eos_token_id")
+        return LoadedModel(cfg, params, tokenizer, eos if isinstance(eos, int) else None, "huggingface")
+    if (path / "model.safetensors").is_file() and (path / "config.json").is_file():
+        cfg, params = load_exported(path, device=device)
+        info = orjson.loads((path / "config.json").read_bytes())
+        params = params.apply(lambda t: t.to(dtype))
+        tokenizer = info.get("tokenizer")
+        if tokenizer not in (None, "bytes") and (path / tokenizer).is_file():  # copied in, relative
+            tokenizer = str(path / tokenizer)
+        return LoadedModel(cfg, params, tokenizer, info.get("eos_token_id"), "export")
+    checkpoint = resolve_checkpoint(path)
+    manifest = read_manifest(checkpoint)
+    train_cfg = config_from_dict(
+        TrainConfig, manifest["config"], where=f"{checkpoint / 'manifest.json'}: config"
+    )
+    template = init_params(train_cfg.model, device="meta", dtype=dtype).apply(
+        lambda t: torch.empty_like(t, device=device)
+    )
+    params = load_params(checkpoint, template)
+    tokenizer, eos = tokenizer_of(train_cfg)
+    return LoadedModel(train_cfg.model, params, tokenizer, eos, "checkpoint")
+
+
+def tokenizer_of(train_cfg: TrainConfig) -> tuple[str, int | None]:
+    """(tokenizer, EOS id) of a training config's data."""
+    data = train_cfg.data
+    return data.tokenizer, data.eos_token_id if data.paths else BYTE_EOS
