@@ -15,7 +15,8 @@ from olmo_fn.graph.model import loss_sums
 from olmo_fn.io.batch import Batch
 from olmo_fn.io.byte_tokenizer import BYTE_EOS
 from olmo_fn.io.instances import ChunkedTokens, make_batch
-from olmo_fn.io.loader import DataConfig, expand_paths
+from olmo_fn.io.loader import DataConfig
+from olmo_fn.io.paths import expand_paths
 from olmo_fn.io.stdlib_corpus import stdlib_token_file
 from olmo_fn.io.token_file import TOKEN_DTYPES, token_dtype
 from olmo_fn.parallelize.mixed_precision import compute_params

@@ -15,7 +15,8 @@ from olmo_fn.errors import ConfigError, DataError
 from olmo_fn.io import stdlib_corpus
 from olmo_fn.io.byte_tokenizer import BYTE_EOS, BYTE_VOCAB, decode_bytes
 from olmo_fn.io.data_order import instance_indices
-from olmo_fn.io.loader import DataConfig, TrainingData, expand_paths, open_training_data
+from olmo_fn.io.loader import DataConfig, TrainingData, open_training_data
+from olmo_fn.io.paths import expand_paths
 from olmo_fn.io.token_file import write_token_file
 
 TINY_VOCAB = 384  # the olmo2-tiny preset: byte vocab padded up

@@ -180,32 +180,12 @@ def _row_outputs(
 
 
 def generate(
-    params: Mapping[str, Any],
-    cfg: ModelConfig,
-    prompts: Sequence[Sequence[int]],
-    *,
-    max_new_tokens: int,
-    eos_token_id: int | None,
-    temperature: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    generator: torch.Generator | None = None,
-    max_length: int | None = None,
+    params: Mapping[str, Any], cfg: ModelConfig, prompts: Sequence[Sequence[int]], **options: Any
 ) -> list[list[int]]:
-    """The new tokens of every prompt (EOS excluded); arguments as for `generate_stream`."""
+    """The new tokens of every prompt (EOS excluded); keyword options as for `generate_stream`
+    (max_new_tokens and eos_token_id are required)."""
     completions: list[list[int]] = [[] for _ in prompts]
-    for step in generate_stream(
-        params,
-        cfg,
-        prompts,
-        max_new_tokens=max_new_tokens,
-        eos_token_id=eos_token_id,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        generator=generator,
-        max_length=max_length,
-    ):
+    for step in generate_stream(params, cfg, prompts, **options):
         for completion, token in zip(completions, step, strict=True):
             if token is not None:
                 completion.append(token)

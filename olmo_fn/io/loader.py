@@ -10,24 +10,23 @@ batches on a background thread.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import math
 import queue
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
 
-from olmo_fn.errors import ConfigError, DataError
+from olmo_fn.errors import ConfigError
 from olmo_fn.io.batch import Batch
 from olmo_fn.io.byte_tokenizer import BYTE_EOS, BYTE_PAD
 from olmo_fn.io.instances import ChunkedTokens, document_positions, make_batch
 from olmo_fn.io.mixture import MixturePlan, SourceConfig
 from olmo_fn.io.packing import PackedDocuments
+from olmo_fn.io.paths import expand_paths
 from olmo_fn.io.stdlib_corpus import stdlib_token_file
 from olmo_fn.io.token_file import TOKEN_DTYPES, token_dtype
 
@@ -132,20 +131,6 @@ def _interleave(parts: list[tuple[np.ndarray, Batch]], n: int) -> Batch:
             out[torch.from_numpy(rows)] = getattr(batch, field.name)
         fields.append(out)
     return Batch(*fields)
-
-
-def expand_paths(patterns: tuple[str, ...], where: str = "data.paths") -> list[Path]:
-    """Files named by `patterns`, globs expanded in sorted order; a pattern matching nothing is an error."""
-    paths: list[Path] = []
-    for pattern in patterns:
-        if glob.has_magic(pattern):
-            matches = sorted(glob.glob(pattern, recursive=True))
-            if not matches:
-                raise DataError(f"{where}: pattern {pattern!r} matched no files")
-            paths.extend(Path(m) for m in matches)
-        else:
-            paths.append(Path(pattern))
-    return paths
 
 
 def open_training_data(

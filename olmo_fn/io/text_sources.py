@@ -21,6 +21,7 @@ import orjson
 import zstandard
 
 from olmo_fn.errors import DataError
+from olmo_fn.io.paths import expand_paths
 
 COMPRESSIONS = ("", ".gz", ".zst", ".zstd")
 JSONL_SUFFIXES = (".jsonl", ".json")
@@ -68,15 +69,11 @@ def expand_inputs(patterns: tuple[str, ...]) -> list[Path]:
     A pattern that matches no file, a missing file, a directory or an unsupported file type is a
     DataError naming it.
     """
-    paths: list[Path] = []
-    for pattern in patterns:
-        if glob.has_magic(pattern):
-            matches = [Path(m) for m in sorted(glob.glob(pattern, recursive=True)) if Path(m).is_file()]
-            if not matches:
-                raise DataError(f"prepare.inputs: pattern {pattern!r} matched no files")
-            paths.extend(matches)
-        else:
-            paths.append(_existing_file(Path(pattern)))
+    paths = [
+        path if glob.has_magic(pattern) else _existing_file(path)
+        for pattern in patterns
+        for path in expand_paths((pattern,), "prepare.inputs")
+    ]
     unique: dict[Path, Path] = {}
     for path in paths:
         unique.setdefault(path.resolve(), path)
