@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import traceback
 from pathlib import Path
 
@@ -50,10 +51,17 @@ def _init(rank: int, world: int, store: Path):
     return init_device_mesh("cpu", (world,))
 
 
+def _finish_together() -> None:
+    """Every rank reaches the end before any tears the group down (a rank whose peer already closed
+    its gloo connections can abort at exit)."""
+    dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
+
+
 def save_sharded(rank: int, world: int, store: Path, directory: Path, errors: Path) -> None:
     try:
         mesh = _init(rank, world, store)
         save_checkpoint(directory, shard(full_state(), mesh))
+        _finish_together()
     except BaseException:
         (errors / f"rank{rank}").write_text(traceback.format_exc())
     finally:
@@ -76,6 +84,7 @@ def load_sharded(rank: int, world: int, store: Path, directory: Path, errors: Pa
             rows = torch.tensor_split(want[key].detach(), world, dim=0)[rank]
             assert torch.equal(local, rows), key
             assert torch.equal(value.full_tensor(), want[key].detach()), key
+        _finish_together()
     except BaseException:
         (errors / f"rank{rank}").write_text(traceback.format_exc())
     finally:
