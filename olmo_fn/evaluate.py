@@ -18,6 +18,7 @@ from olmo_fn.io.instances import ChunkedTokens, make_batch
 from olmo_fn.io.loader import DataConfig
 from olmo_fn.io.paths import expand_paths
 from olmo_fn.io.stdlib_corpus import stdlib_token_file
+from olmo_fn.io.text_tokenizer import open_tokenizer_json
 from olmo_fn.io.token_file import TOKEN_DTYPES, token_dtype
 from olmo_fn.parallelize.mixed_precision import compute_params
 from olmo_fn.state.train_step import StepSettings
@@ -47,11 +48,11 @@ class EvalConfig:
 
 @dataclasses.dataclass(frozen=True)
 class EvalData:
-    """The fixed evaluation batches and the UTF-8 bytes each token id stands for (None if unknown)."""
+    """The fixed evaluation batches and the UTF-8 bytes each token id stands for."""
 
     name: str
     batches: tuple[Batch, ...]
-    bytes_per_token: np.ndarray | None
+    bytes_per_token: np.ndarray
 
 
 def open_eval_data(cfg: EvalConfig, data: DataConfig, vocab_size: int) -> EvalData | None:
@@ -71,9 +72,9 @@ def open_eval_data(cfg: EvalConfig, data: DataConfig, vocab_size: int) -> EvalDa
     return EvalData(cfg.name, batches, bytes_per_token(data.tokenizer, vocab_size))
 
 
-def bytes_per_token(tokenizer: str, vocab_size: int) -> np.ndarray | None:
-    """UTF-8 bytes of text each token id stands for (special tokens: 0); None if the tokenizer
-    cannot say (then no bits per byte)."""
+def bytes_per_token(tokenizer: str, vocab_size: int) -> np.ndarray:
+    """UTF-8 bytes of text each token id stands for (special tokens: 0). A ConfigError names a
+    data.tokenizer that is missing or does not parse."""
     if tokenizer == "bytes":
         counts = np.zeros(vocab_size, np.int64)
         counts[:256] = 1
@@ -82,13 +83,8 @@ def bytes_per_token(tokenizer: str, vocab_size: int) -> np.ndarray | None:
 
 
 @functools.lru_cache(maxsize=4)
-def _tokenizer_json_bytes(path: str, vocab_size: int) -> np.ndarray | None:
-    from tokenizers import Tokenizer
-
-    try:
-        tok = Tokenizer.from_file(path)
-    except Exception:
-        return None
+def _tokenizer_json_bytes(path: str, vocab_size: int) -> np.ndarray:
+    tok = open_tokenizer_json(path, f"data.tokenizer={path}")
     spec = orjson.loads(tok.to_str())
     byte_level = (spec.get("decoder") or {}).get("type") == "ByteLevel"
     special = {added["id"] for added in spec.get("added_tokens", []) if added.get("special")}
@@ -120,9 +116,8 @@ def evaluate(params, eval_data: EvalData, settings: StepSettings, device: torch.
         )
         ce_total += float(ce_sum)
         targets += int(n)
-        if eval_data.bytes_per_token is not None:
-            labels = batch.labels[batch.labels >= 0].cpu().numpy()
-            n_bytes += int(eval_data.bytes_per_token[labels].sum())
+        labels = batch.labels[batch.labels >= 0].cpu().numpy()
+        n_bytes += int(eval_data.bytes_per_token[labels].sum())
     prefix = f"eval/{eval_data.name}"
     out = {f"{prefix}/loss": ce_total / max(1, targets), f"{prefix}/tokens": targets}
     if n_bytes:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any, Literal, TextIO
 
 import torch
@@ -20,7 +19,7 @@ from olmo_fn.errors import ConfigError
 from olmo_fn.graph.sampling import generate, generate_stream, sampling_problems
 from olmo_fn.io.byte_tokenizer import BYTE_EOS, decode_bytes, encode_bytes
 from olmo_fn.io.model_source import LoadedModel, load_model
-from olmo_fn.io.text_tokenizer import END_OF_TEXT_TOKENS
+from olmo_fn.io.text_tokenizer import end_of_text_id, open_tokenizer_json
 from olmo_fn.runtime import resolve_device, resolve_dtype
 
 INCOMPLETE = "\ufffd"
@@ -93,21 +92,12 @@ def tokenizer_json_codec(path: str, *, source: str) -> TextCodec:
 
     `source` says where the name came from, for the error message.
     """
-    from tokenizers import Tokenizer
-
-    if not Path(path).is_file():
-        raise ConfigError(
-            f"tokenizer={path!r} ({source}): no such file; give 'bytes' or a tokenizer.json path"
-        )
-    try:
-        tokenizer = Tokenizer.from_file(path)
-    except Exception as exc:  # tokenizers raises plain Exceptions for every parse failure
-        raise ConfigError(f"tokenizer={path!r} ({source}): not a valid tokenizer.json ({exc})") from None
+    tokenizer = open_tokenizer_json(path, f"tokenizer={path!r} ({source})")
     return TextCodec(
         name=path,
         encode=lambda text: tokenizer.encode(text).ids,
         decode=lambda ids: tokenizer.decode(list(ids), skip_special_tokens=True),
-        eos_token_id=next((i for i in map(tokenizer.token_to_id, END_OF_TEXT_TOKENS) if i is not None), None),
+        eos_token_id=end_of_text_id(tokenizer),
     )
 
 

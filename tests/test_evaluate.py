@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from olmo_fn.config import TrainConfig
+from olmo_fn.errors import ConfigError
 from olmo_fn.evaluate import EvalConfig, bytes_per_token, evaluate, open_eval_data
 from olmo_fn.graph import init_params, logits
 from olmo_fn.io.byte_tokenizer import BYTE_EOS
@@ -72,7 +73,11 @@ def test_byte_level_bpe_bytes_per_token_add_up_to_the_text(tmp_path):
         assert counts[ids].sum() == len(text.encode("utf-8"))
     assert counts[tok.token_to_id("<|endoftext|>")] == 0
     assert bytes_per_token("bytes", 300)[[0, 65, 255, 256, 257]].tolist() == [1, 1, 1, 0, 0]
-    assert bytes_per_token(str(tmp_path / "missing.json"), 10) is None
+    with pytest.raises(ConfigError, match=r"data.tokenizer=.*missing.json: no such file"):
+        bytes_per_token(str(tmp_path / "missing.json"), 10)
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(ConfigError, match=r"data.tokenizer=.*broken.json: not a valid tokenizer.json"):
+        bytes_per_token(str(tmp_path / "broken.json"), 10)
 
 
 def test_training_logs_eval_at_its_interval_and_at_the_end(tmp_path):

@@ -11,6 +11,13 @@ from olmo_fn.graph.config import ModelConfig
 from olmo_fn.graph.param_tree import param_shapes, unflatten
 
 
+def empty_params(
+    cfg: ModelConfig, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> TensorDict:
+    """A parameter tree of uninitialised buffers: the template a checkpoint is read into."""
+    return init_params(cfg, device="meta", dtype=dtype).apply(lambda t: torch.empty_like(t, device=device))
+
+
 def path_seed(seed: int, path: str) -> int:
     """A 63-bit seed for one parameter, stable across runs, processes and parameter order."""
     digest = hashlib.blake2b(f"{seed}:{path}".encode(), digest_size=8).digest()

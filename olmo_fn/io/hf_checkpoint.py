@@ -20,6 +20,7 @@ from olmo_fn.graph.config import ModelConfig
 from olmo_fn.graph.param_tree import flatten, param_shapes
 from olmo_fn.io.atomic import atomic_write, write_json
 from olmo_fn.io.hf_mapping import HfArch, hf_config, model_config_from_hf, params_from_hf, params_to_hf
+from olmo_fn.io.text_tokenizer import open_tokenizer_json
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -132,12 +133,7 @@ def write_hf_model(
 
 def _copy_tokenizer(tokenizer: Path, out: Path, config: dict[str, Any]) -> None:
     """tokenizer.json plus a tokenizer_config.json naming its special tokens (for AutoTokenizer)."""
-    from tokenizers import Tokenizer
-
-    try:
-        tok = Tokenizer.from_file(str(tokenizer))
-    except Exception as exc:
-        raise CheckpointError(f"{tokenizer}: not a tokenizer.json ({exc})") from None
+    tok = open_tokenizer_json(tokenizer, f"tokenizer={tokenizer}")
     shutil.copyfile(tokenizer, out / "tokenizer.json")
     special = {}
     for key in ("eos_token_id", "bos_token_id", "pad_token_id"):

@@ -14,7 +14,7 @@ from tensordict import TensorDict
 from olmo_fn.config import TrainConfig, config_from_dict
 from olmo_fn.errors import CheckpointError
 from olmo_fn.graph.config import ModelConfig
-from olmo_fn.graph.init import init_params
+from olmo_fn.graph.init import empty_params
 from olmo_fn.io.byte_tokenizer import BYTE_EOS
 from olmo_fn.io.hf_checkpoint import is_hf_dir, read_hf_model
 from olmo_fn.io.safetensors_export import load_exported
@@ -60,10 +60,7 @@ def load_model(
     train_cfg = config_from_dict(
         TrainConfig, manifest["config"], where=f"{checkpoint / 'manifest.json'}: config"
     )
-    template = init_params(train_cfg.model, device="meta", dtype=dtype).apply(
-        lambda t: torch.empty_like(t, device=device)
-    )
-    params = load_params(checkpoint, template)
+    params = load_params(checkpoint, empty_params(train_cfg.model, device=device, dtype=dtype))
     tokenizer, eos = tokenizer_of(train_cfg)
     return LoadedModel(train_cfg.model, params, tokenizer, eos, "checkpoint")
 

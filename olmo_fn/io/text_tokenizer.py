@@ -50,7 +50,7 @@ def load_tokenizer_spec(name: str) -> TokenizerSpec:
         ) from None
     except OSError as exc:
         raise ConfigError(f"prepare.tokenizer={name}: cannot read ({exc})") from None
-    tokenizer = _parse_tokenizer_json(data, name)
+    tokenizer = parse_tokenizer_json(data, f"prepare.tokenizer={name}")
     ids = list(tokenizer.get_vocab(with_added_tokens=True).values())
     digest = hashlib.blake2b(data, digest_size=16).hexdigest()
     return TokenizerSpec(
@@ -58,24 +58,35 @@ def load_tokenizer_spec(name: str) -> TokenizerSpec:
         json_text=data.decode("utf-8"),
         identity=f"tokenizer.json:{digest}",
         vocab_size=max([*ids, tokenizer.get_vocab_size(with_added_tokens=True) - 1]) + 1,
-        default_eos=_end_of_text_id(tokenizer),
+        default_eos=end_of_text_id(tokenizer),
     )
 
 
-def _parse_tokenizer_json(data: bytes, name: str):
+def parse_tokenizer_json(data: bytes, where: str):
+    """A `tokenizers.Tokenizer` from tokenizer.json contents; a ConfigError starting with `where`
+    (e.g. "prepare.tokenizer=x.json") if it does not parse."""
     try:
         from tokenizers import Tokenizer
     except ImportError:
-        raise ConfigError(
-            f"prepare.tokenizer={name} needs the tokenizers package (pip install tokenizers)"
-        ) from None
+        raise ConfigError(f"{where} needs the tokenizers package (pip install tokenizers)") from None
     try:
         return Tokenizer.from_str(data.decode("utf-8"))
     except Exception as exc:  # tokenizers raises plain Exceptions for every parse failure
-        raise ConfigError(f"prepare.tokenizer={name}: not a valid tokenizer.json ({exc})") from None
+        raise ConfigError(f"{where}: not a valid tokenizer.json ({exc})") from None
 
 
-def _end_of_text_id(tokenizer) -> int | None:
+def open_tokenizer_json(path: str | Path, where: str):
+    """`parse_tokenizer_json` of the file at `path`; a missing file is a ConfigError too."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        reason = "no such file" if isinstance(exc, FileNotFoundError) else f"cannot read ({exc})"
+        raise ConfigError(f"{where}: {reason}; give 'bytes' or a tokenizer.json path") from None
+    return parse_tokenizer_json(data, where)
+
+
+def end_of_text_id(tokenizer) -> int | None:
+    """The id of the first special token in END_OF_TEXT_TOKENS that `tokenizer` has, else None."""
     specials = {t.content: i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
     for token in END_OF_TEXT_TOKENS:
         if token in specials:

@@ -11,7 +11,7 @@ from tensordict import TensorDict
 
 import olmo_fn
 from olmo_fn.graph.config import ModelConfig
-from olmo_fn.graph.init import init_params
+from olmo_fn.graph.init import empty_params, init_params
 from olmo_fn.state.adamw import init_adamw_state
 
 
@@ -67,7 +67,6 @@ def empty_train_state(
     cfg: ModelConfig, *, device: torch.device | str, dtype: torch.dtype = torch.float32
 ) -> TrainState:
     """A state with uninitialised buffers of the right shapes: the template a checkpoint loads into."""
-    params = init_params(cfg, device="meta", dtype=dtype).apply(
-        lambda t: torch.empty_like(t, device=device).requires_grad_(True)
-    )
+    params = empty_params(cfg, device=device, dtype=dtype)
+    params.apply_(lambda t: t.requires_grad_(True))
     return TrainState(0, params, init_adamw_state(params), 0, 0)
