@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -14,7 +15,7 @@ from olmo_fn.config import TrainConfig, config_from_dict
 from olmo_fn.graph.flops import count_params
 from olmo_fn.io.model_source import load_model
 from olmo_fn.io.safetensors_export import export_model
-from olmo_fn.state.checkpoint import list_checkpoints, read_manifest, resolve_checkpoint
+from olmo_fn.state.checkpoint import list_checkpoints, read_manifest, resolve_checkpoint, verify_checkpoint
 
 PathArg = Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="PATH")]
 
@@ -27,6 +28,10 @@ class CheckpointInfo:
     """A checkpoint directory, or a run directory (its newest complete checkpoint)."""
     json: bool = False
     """Print the manifest (plus bytes on disk) as JSON instead of text."""
+    print_config: bool = False
+    """Print only the training config as JSON: what a run keeps as config.json (to restore a lost one)."""
+    verify: bool = False
+    """Also check every file against the size and SHA-256 recorded when it was written (reads it all)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,9 +50,18 @@ def checkpoint_info(cmd: CheckpointInfo) -> str:
     checkpoint = resolve_checkpoint(cmd.path)
     manifest = read_manifest(checkpoint)
     disk = sum(p.stat().st_size for p in checkpoint.iterdir() if p.is_file())
-    if cmd.json:
-        return orjson.dumps({**manifest, "path": str(checkpoint), "disk_bytes": disk}).decode()
     cfg = _train_config(manifest, checkpoint)
+    if cmd.print_config:
+        return orjson.dumps(manifest["config"], option=orjson.OPT_INDENT_2).decode()
+    verified = None
+    if cmd.verify:
+        started = time.perf_counter()
+        verified = (verify_checkpoint(checkpoint, manifest), time.perf_counter() - started)
+    if cmd.json:
+        extra = {"path": str(checkpoint), "disk_bytes": disk}
+        if verified is not None:
+            extra["verified_bytes"] = verified[0]
+        return orjson.dumps({**manifest, **extra}).decode()
     m = cfg.model
     others = (
         [p.name for _, p in list_checkpoints(checkpoint.parent.parent)]
@@ -76,6 +90,7 @@ def checkpoint_info(cmd: CheckpointInfo) -> str:
         ),
         ("written", f"{manifest.get('created', '?')} by {versions}"),
         ("fingerprint", manifest["config_fingerprint"]),
+        ("checksums", _checksums_row(manifest, verified)),
     ]
     if len(others) > 1:
         rows.append(("in this run", ", ".join(others)))
@@ -96,6 +111,16 @@ def checkpoint_export(cmd: CheckpointExport) -> Path:
     }
     tokenizer_file = model.tokenizer if model.tokenizer not in (None, "bytes") else None
     return export_model(cmd.out, model.params, model.cfg, info, tokenizer=tokenizer_file)
+
+
+def _checksums_row(manifest: dict[str, Any], verified: tuple[int, float] | None) -> str:
+    if manifest["format_version"] < 2:
+        return "none (format 1: written before olmo_fn recorded checksums)"
+    files = manifest["files"]
+    if verified is None:
+        return f"SHA-256 of {len(files)} files recorded (--verify checks them)"
+    size, seconds = verified[0] / 2**20, verified[1]
+    return f"verified: {len(files)} files, {size:,.1f} MiB match their SHA-256 ({seconds:.2f} s)"
 
 
 def _train_config(manifest: dict[str, Any], checkpoint: Path) -> TrainConfig:

@@ -20,6 +20,7 @@ from olmo_fn.graph.config import ModelConfig
 from olmo_fn.graph.param_tree import flatten, param_shapes
 from olmo_fn.io.atomic import atomic_write, write_json
 from olmo_fn.io.hf_mapping import HfArch, hf_config, model_config_from_hf, params_from_hf, params_to_hf
+from olmo_fn.io.paths import contained_path
 from olmo_fn.io.text_tokenizer import open_tokenizer_json
 
 WEIGHTS = "model.safetensors"
@@ -51,9 +52,16 @@ def _weight_files(directory: Path) -> list[Path]:
     if (directory / INDEX).is_file():
         try:
             weight_map = orjson.loads((directory / INDEX).read_bytes())["weight_map"]
-        except (orjson.JSONDecodeError, KeyError) as exc:
+        except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
             raise CheckpointError(f"{directory / INDEX}: not a safetensors index ({exc})") from None
-        return [directory / name for name in sorted(set(weight_map.values()))]
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{directory / INDEX}: weight_map is not an object")
+        # Names are checked before any file is opened. Links inside the directory are the owner's (a
+        # hub cache links every file to its blob), so only the names themselves must stay inside.
+        return [
+            contained_path(directory, name, f"{directory / INDEX}: weight_map", follow_links=False)
+            for name in sorted(set(weight_map.values()), key=str)
+        ]
     if (directory / WEIGHTS).is_file():
         return [directory / WEIGHTS]
     if list(directory.glob("*.bin")):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import os
 from pathlib import Path
 
 from olmo_fn.errors import DataError
@@ -21,3 +22,28 @@ def expand_paths(patterns: tuple[str, ...], where: str = "data.paths") -> list[P
         else:
             paths.append(Path(pattern))
     return paths
+
+
+def contained_path(directory: str | Path, name: object, where: str, *, follow_links: bool) -> Path:
+    """``directory / name`` for a file name read from a file inside `directory` (an index, metadata),
+    refusing any name that would leave `directory` — before anything is opened.
+
+    The name must be a relative path that stays inside `directory` once ``..`` parts are resolved.
+    With `follow_links`, symbolic links are resolved too, so a link pointing outside is refused
+    (for directories olmo_fn wrote itself, which never hold links). Without it, links placed in the
+    directory by its owner are allowed (a Hugging Face hub cache links every file into ``blobs/``).
+    Raises `CheckpointError` naming `where` and the offending name.
+    """
+    from olmo_fn.errors import CheckpointError
+
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise CheckpointError(f"{where}: names {name!r}, which is not a file name")
+    directory = Path(directory)
+    if Path(name).is_absolute() or "\\" in name:
+        raise CheckpointError(f"{where}: names {name!r}, outside {directory}; refusing to open it")
+    base = directory.resolve() if follow_links else Path(os.path.abspath(directory))
+    candidate = directory / name
+    target = candidate.resolve() if follow_links else Path(os.path.abspath(candidate))
+    if target != base and base not in target.parents:
+        raise CheckpointError(f"{where}: names {name!r}, outside {directory}; refusing to open it")
+    return candidate

@@ -7,18 +7,24 @@ directory named ``step{N}`` is always whole; one being deleted is first renamed 
 ``.step{N}.deleting``. DCP reshards on load: a checkpoint written by any number of processes, with any
 placements, loads into any other.
 
-Loading never unpickles arbitrary objects: tensors are read with ``weights_only``, the manifest is
-JSON, and DCP's pickled ``.metadata`` goes through an unpickler that admits only DCP's own
-metadata classes.
+The manifest records the size and SHA-256 of every file; loading verifies them before reading a
+tensor, so a damaged or altered file is named instead of read. Loading never unpickles arbitrary
+objects and never opens a file outside the checkpoint directory: the manifest is JSON, tensors are
+read with ``weights_only``, and DCP's pickled ``.metadata`` goes through `dcp_reader`, which admits
+only tensor entries stored in the checkpoint's own files.
+
+Symbolic links: olmo_fn writes every checkpoint as a real directory. A ``step{N}`` that is a link is
+never deleted through (pruning leaves it alone); training refuses to resume a run that holds one
+(`linked_checkpoints`), while read-only commands read it like any other checkpoint.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import pickle
 import re
 import shutil
+import sys
 import time
 import warnings
 from concurrent.futures import Future
@@ -30,18 +36,20 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from tensordict import TensorDict
-from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.metadata import Metadata
 
 from olmo_fn.errors import CheckpointError
 from olmo_fn.graph.param_tree import flatten, unflatten
 from olmo_fn.io.atomic import write_json
 from olmo_fn.parallelize.dist import barrier, is_distributed, rank
+from olmo_fn.state.checksums import file_digests, verify_files
+from olmo_fn.state.dcp_reader import SafeFileSystemReader, read_safe_metadata, storage_files
 from olmo_fn.state.train_state import TrainState, current_versions
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: the manifest records every file's size and SHA-256. 1 (read, not verified): without them."""
+READABLE_VERSIONS = (1, 2)
 STEP_DIR = re.compile(r"^step(\d+)$")
 # DCP warns on every single-process call (also from its async writer thread) that it assumes a
 # single process: that is meant here.
@@ -53,7 +61,8 @@ def checkpoint_path(run_dir: str | os.PathLike, step: int) -> Path:
 
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    """Complete checkpoints of a run, oldest first (temporary and half-deleted ones are skipped)."""
+    """Complete checkpoints of a run, oldest first (temporary and half-deleted ones are skipped;
+    symbolic links to directories are listed)."""
     root = Path(run_dir) / "checkpoints"
     found = []
     if root.is_dir():
@@ -67,6 +76,14 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     found = list_checkpoints(run_dir)
     return found[-1][1] if found else None
+
+
+def linked_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Entries ``checkpoints/step{N}`` of a run that are symbolic links (olmo_fn never makes them)."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if STEP_DIR.match(p.name) and p.is_symlink())
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -110,27 +127,66 @@ def begin_save(
     """
     tmp = _tmp_path(directory)
     if rank(group) == 0:
-        if directory.exists():
+        if os.path.lexists(directory):
             raise CheckpointError(f"{directory}: a checkpoint already exists here; refusing to overwrite it")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        try:
+            _remove_leftover(tmp)
+            tmp.mkdir(parents=True)
+        except OSError as exc:
+            raise save_failure(directory, exc) from exc
     barrier(group)
     manifest = manifest_of(state)
     kwargs = {"checkpoint_id": tmp, "no_dist": not is_distributed(), "process_group": group}
-    if asynchronous:
-        return dcp.async_save(_tensors(state), **kwargs), manifest
-    dcp.save(_tensors(state), **kwargs)
+    try:
+        if asynchronous:
+            return dcp.async_save(_tensors(state), **kwargs), manifest
+        dcp.save(_tensors(state), **kwargs)
+    except (Exception, CheckpointException) as exc:  # CheckpointException is a BaseException
+        raise save_failure(directory, exc) from exc
     return None, manifest
 
 
+def save_failure(directory: Path, exc: BaseException) -> CheckpointError:
+    """The error for a checkpoint write that failed (a full disk, a read-only directory, ...), after
+    removing its partial ``.tmp`` directory; the checkpoints written before are untouched."""
+    _remove_leftover(_tmp_path(directory))
+    if isinstance(exc, CheckpointError):
+        return exc
+    reason = _last_line(exc)
+    try:
+        free = shutil.disk_usage(directory.parent).free
+        reason += f"; {free / 2**30:,.2f} GiB free on that disk"
+    except OSError:
+        pass
+    return CheckpointError(
+        f"{directory}: writing the checkpoint failed ({reason}); the checkpoints written before it are "
+        "intact, and re-running the same command resumes from the newest"
+    )
+
+
+def _remove_leftover(path: Path) -> None:
+    """Remove a partial directory (or a stray file or link of that name; never what a link points to)."""
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    elif path.exists():
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def finish_save(directory: Path, manifest: dict[str, Any], *, group: dist.ProcessGroup | None = None) -> Path:
-    """Write the manifest and rename the temporary directory into place (coordinator only)."""
+    """Record every file's checksum in the manifest, write it and rename the temporary directory into
+    place (coordinator only; on an async save this runs on the background thread)."""
     if rank(group) == 0:
         tmp = _tmp_path(directory)
-        write_manifest(tmp, manifest)
-        _fsync_dir(tmp)
-        os.rename(tmp, directory)
-        _fsync_dir(directory.parent)
+        try:
+            manifest = {**manifest, "files": file_digests(tmp, skip=(MANIFEST,))}
+            write_manifest(tmp, manifest)
+            _fsync_dir(tmp)
+            if os.path.lexists(directory):
+                raise CheckpointError(f"{directory}: appeared while it was written; refusing to replace it")
+            os.rename(tmp, directory)
+            _fsync_dir(directory.parent)
+        except OSError as exc:
+            raise save_failure(directory, exc) from exc
     return directory
 
 
@@ -161,9 +217,46 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
         manifest = orjson.loads(path.read_bytes())
     except orjson.JSONDecodeError as exc:
         raise CheckpointError(f"{path}: manifest is not valid JSON ({exc})") from None
-    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: unknown checkpoint format (expected format_version {FORMAT_VERSION})")
+    if not isinstance(manifest, dict) or manifest.get("format_version") not in READABLE_VERSIONS:
+        version = manifest.get("format_version") if isinstance(manifest, dict) else None
+        raise CheckpointError(
+            f"{path}: unknown checkpoint format_version {version!r} (this olmo_fn reads "
+            f"{', '.join(map(str, READABLE_VERSIONS))})"
+        )
+    problems = [
+        f"{name} ({'missing' if name not in manifest else f'{manifest[name]!r} is not {kind.__name__}'})"
+        for name, kind in _MANIFEST_FIELDS.items()
+        if not isinstance(manifest.get(name), kind) or isinstance(manifest.get(name), bool)
+    ]
+    if manifest["format_version"] >= 2 and not isinstance(manifest.get("files"), dict):
+        problems.append("files (missing: the per-file checksums)")
+    if problems:
+        raise CheckpointError(f"{path}: manifest fields are missing or malformed: {', '.join(problems)}")
     return manifest
+
+
+_MANIFEST_FIELDS = {
+    "step": int,
+    "tokens_seen": int,
+    "data_cursor": int,
+    "config": dict,
+    "config_fingerprint": str,
+    "n_tensors": int,
+    "tensor_bytes": int,
+}
+
+
+def verify_checkpoint(directory: str | os.PathLike, manifest: dict[str, Any] | None = None) -> int:
+    """Check the checkpoint's files against the sizes and SHA-256 digests in its manifest, and that its
+    DCP metadata is safe to read; returns the bytes verified (0 for a format-1 checkpoint, which has no
+    checksums). Raises CheckpointError naming the first file that is wrong."""
+    directory = Path(directory)
+    manifest = read_manifest(directory) if manifest is None else manifest
+    metadata = read_safe_metadata(directory)
+    if manifest["format_version"] < 2:
+        return 0
+    required = storage_files(metadata) | {".metadata"}
+    return verify_files(directory, manifest["files"], required=required, where=str(directory / MANIFEST))
 
 
 def load_checkpoint(
@@ -176,6 +269,7 @@ def load_checkpoint(
     """
     directory = Path(directory)
     manifest = read_manifest(directory)
+    verify_checkpoint(directory, manifest)
     _load_tensors(directory, _tensors(template), group=group)
     return dataclasses.replace(
         template,
@@ -191,7 +285,7 @@ def load_checkpoint(
 def load_params(directory: str | os.PathLike, template_params: TensorDict) -> TensorDict:
     """Only the parameters of a checkpoint, read into `template_params` (any device, dtype, placement)."""
     directory = Path(directory)
-    read_manifest(directory)
+    verify_checkpoint(directory)
     tensors = {"params": flatten(template_params)}
     _load_tensors(directory, tensors, only_prefix="params.")
     return unflatten(tensors["params"])
@@ -217,9 +311,11 @@ def prune_checkpoints(run_dir: str | os.PathLike, *, keep_last: int, permanent_e
     """Delete complete checkpoints other than the newest `keep_last` and every `permanent_every`-th step.
 
     A checkpoint is renamed to ``.step{N}.deleting`` before its files go, so a crash mid-delete never
-    leaves something that looks complete. Returns the deleted paths.
+    leaves something that looks complete. Symbolic links are never deleted through (nor counted).
+    Pruning never fails a run: a checkpoint that cannot be deleted is reported on stderr and kept.
+    Returns the deleted paths.
     """
-    found = list_checkpoints(run_dir)
+    found = [(step, path) for step, path in list_checkpoints(run_dir) if not path.is_symlink()]
     keep = {step for step, _ in found[-keep_last:]} if keep_last > 0 else set()
     if permanent_every > 0:
         keep |= {step for step, _ in found if step % permanent_every == 0}
@@ -227,8 +323,12 @@ def prune_checkpoints(run_dir: str | os.PathLike, *, keep_last: int, permanent_e
     for step, path in found:
         if step not in keep:
             doomed = path.with_name(f".{path.name}.deleting")
-            os.rename(path, doomed)
-            shutil.rmtree(doomed)
+            try:
+                os.rename(path, doomed)
+                shutil.rmtree(doomed)
+            except OSError as exc:
+                print(f"warning: could not delete old checkpoint {path}: {exc}", file=sys.stderr)
+                continue
             deleted.append(path)
     return deleted
 
@@ -240,62 +340,17 @@ def remove_incomplete(run_dir: str | os.PathLike) -> list[Path]:
     if root.is_dir():
         for child in root.iterdir():
             if child.name.startswith(".step") and child.name.endswith((".tmp", ".deleting")):
-                shutil.rmtree(child, ignore_errors=True)
+                if child.is_symlink() or not child.is_dir():
+                    child.unlink()  # the name only, never what a link points to
+                else:
+                    shutil.rmtree(child, ignore_errors=True)
                 removed.append(child)
     return removed
 
 
-# What DCP's pickled ``.metadata`` legitimately refers to (besides torch dtypes).
-_METADATA_GLOBALS = {
-    "torch.distributed.checkpoint.metadata": {
-        "Metadata",
-        "TensorStorageMetadata",
-        "BytesStorageMetadata",
-        "ChunkStorageMetadata",
-        "TensorProperties",
-        "MetadataIndex",
-        "StorageMeta",
-        "_MEM_FORMAT_ENCODING",
-    },
-    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
-    "torch.serialization": {"_get_layout"},
-    "torch": {"Size"},
-    "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"},
-    "collections": {"OrderedDict"},
-}
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """Admits only what DCP's ``.metadata`` legitimately holds."""
-
-    def find_class(self, module: str, name: str):
-        if name in _METADATA_GLOBALS.get(module, ()) or (
-            module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
-        ):
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from checkpoint metadata")
-
-
-class SafeFileSystemReader(FileSystemReader):
-    """DCP's file reader with the metadata read through `_MetadataUnpickler`."""
-
-    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        path = self._get_metadata_path(kwargs.get("rank"))
-        with self.fs.create_stream(path, "rb") as f:
-            metadata = _MetadataUnpickler(f).load()
-        if not isinstance(metadata, Metadata):
-            raise pickle.UnpicklingError(f"{path}: not DCP metadata")
-        if getattr(metadata, "storage_meta", None) is not None:
-            metadata.storage_meta.load_id = self.load_id
-        return metadata
-
-
 def _check_shapes(directory: Path, expected: dict[str, torch.Tensor], only_prefix: str = "") -> None:
     """Compare the checkpoint's tensor names and shapes with the template's, naming every difference."""
-    try:
-        saved = SafeFileSystemReader(directory).read_metadata().state_dict_metadata
-    except Exception as exc:
-        raise CheckpointError(f"{directory}: cannot read the DCP metadata: {_last_line(exc)}") from exc
+    saved = read_safe_metadata(directory).state_dict_metadata
     if only_prefix:
         saved = {k: v for k, v in saved.items() if k.startswith(only_prefix)}
     missing = sorted(set(expected) - set(saved))

@@ -12,7 +12,13 @@ import torch.distributed as dist
 
 from olmo_fn.errors import CheckpointError, ConfigError
 from olmo_fn.parallelize.dist import rank
-from olmo_fn.state.checkpoint import begin_save, checkpoint_path, finish_save, prune_checkpoints
+from olmo_fn.state.checkpoint import (
+    begin_save,
+    checkpoint_path,
+    finish_save,
+    prune_checkpoints,
+    save_failure,
+)
 from olmo_fn.state.train_state import TrainState
 
 
@@ -54,6 +60,7 @@ class CheckpointWriter:
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint") if cfg.async_save else None
         )
         self._pending: Future | None = None
+        self._pending_dir = self.run_dir
         self.last_saved_step: int | None = None
         self.blocking_s = 0.0
         """Total time `save` and `wait` kept the caller waiting."""
@@ -72,6 +79,7 @@ class CheckpointWriter:
             self._finish(directory, manifest)
         else:
             self._pending = self._executor.submit(self._finish_async, future, directory, manifest)
+            self._pending_dir = directory
         self.last_saved_step = state.step
         self.blocking_s += time.perf_counter() - start
 
@@ -97,7 +105,7 @@ class CheckpointWriter:
         except CheckpointError:
             raise
         except BaseException as exc:
-            raise CheckpointError(f"{self.run_dir}: a background checkpoint write failed: {exc}") from exc
+            raise save_failure(self._pending_dir, exc) from exc
         finally:
             self.blocking_s += time.perf_counter() - start
 
