@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import types
 import typing
 from pathlib import Path
@@ -31,10 +32,7 @@ DEFAULT_PRESET = "olmo2-tiny"
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Train a language model. With no options: the tiny OLMo 2 on the embedded stdlib corpus (CPU, minutes).
-
-    Options can also start from a JSON file, --config FILE (e.g. a run's config.json); flags override it.
-    """
+    """Train a language model; with no options, the tiny OLMo 2 on the embedded stdlib corpus (minutes)."""
 
     preset: PresetName = DEFAULT_PRESET
     """Model size; --model.* options override single fields of it."""
@@ -64,6 +62,9 @@ class TrainConfig:
     """Compute dtype (parameters and optimizer state stay fp32). auto: bfloat16 on CUDA, float32 on CPU."""
     compile: Literal["auto", "on", "off"] = "auto"
     """Compile the transformer block with torch.compile (one graph for all layers). auto: on for CUDA."""
+    threads: int | None = None
+    """Intra-op CPU threads. None: OMP_NUM_THREADS when set, else the cores not busy with other work
+    when the run starts (a run on a shared machine then slows down gently instead of collapsing)."""
     checkpoint: CheckpointConfig = CheckpointConfig()
     eval: EvalConfig = EvalConfig()
     run_dir: str | None = None
@@ -86,8 +87,24 @@ class TrainConfig:
             problems.append(
                 f"global_batch_size={self.global_batch_size} is not a multiple of micro_batch_size={micro}"
             )
-        if self.z_loss < 0:
-            problems.append(f"z_loss={self.z_loss} must be >= 0")
+        if self.threads is not None and self.threads < 1:
+            problems.append(f"threads={self.threads} must be >= 1 (or None: chosen from the idle cores)")
+        if not 0 <= self.z_loss < math.inf:
+            problems.append(f"z_loss={self.z_loss} must be finite and >= 0")
+        if self.max_grad_norm is not None and not 0 < self.max_grad_norm < math.inf:
+            problems.append(f"max_grad_norm={self.max_grad_norm} must be finite and > 0 (or None)")
+        schedule = self.schedule
+        if schedule.start_step >= self.steps:
+            problems.append(
+                f"schedule.start_step={schedule.start_step} must be below steps={self.steps} "
+                "(the schedule runs from it to the last step)"
+            )
+        elif schedule.warmup_steps > self.steps - schedule.start_step:
+            covered = "steps" if not schedule.start_step else "steps - schedule.start_step"
+            problems.append(
+                f"schedule.warmup_steps={schedule.warmup_steps} is longer than the {covered}="
+                f"{self.steps - schedule.start_step} the schedule covers (set --schedule.warmup-steps)"
+            )
         if problems:
             raise ConfigError("invalid train config: " + "; ".join(problems))
 
@@ -109,6 +126,7 @@ RUNTIME_FIELDS = frozenset(
         "device",
         "dtype",
         "compile",
+        "threads",
         "checkpoint",
         "eval",
         "run_dir",
@@ -171,6 +189,15 @@ def config_from_dict(cls: type, data: Any, where: str = "config") -> Any:
         raise ConfigError(
             f"{where}: unknown field(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}"
         )
+    required = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+        and f.name not in data
+    ]
+    if required:
+        raise ConfigError(f"{where}: missing required field(s) {', '.join(required)}")
     kwargs = {name: _from_json(hints[name], value, f"{where}.{name}") for name, value in data.items()}
     return cls(**kwargs)
 
@@ -188,8 +215,15 @@ def _from_json(hint: Any, value: Any, where: str) -> Any:
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         args = typing.get_args(hint)
-        item = args[0] if len(args) == 2 and args[1] is Ellipsis else None
-        return tuple(v if item is None else _from_json(item, v, f"{where}[{i}]") for i, v in enumerate(value))
+        if len(args) == 2 and args[1] is Ellipsis:
+            items = [args[0]] * len(value)
+        else:
+            if len(value) != len(args):
+                raise ConfigError(f"{where}: expected {len(args)} values, got {_show(value)}")
+            items = list(args)
+        return tuple(
+            _from_json(item, v, f"{where}[{i}]") for i, (item, v) in enumerate(zip(items, value, strict=True))
+        )
     if origin is Literal:
         if value not in typing.get_args(hint):
             raise ConfigError(

@@ -1,6 +1,10 @@
-"""Resolving "auto" choices (device, dtype, compile) against the machine a run is on."""
+"""Resolving "auto" choices (device, dtype, compile, CPU threads) against the machine a run is on."""
 
 from __future__ import annotations
+
+import dataclasses
+import os
+import time
 
 import torch
 
@@ -32,6 +36,56 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 def resolve_compile(choice: str, device: torch.device) -> bool:
     """ "auto" -> compile on CUDA only (on CPU a cold compile costs more than a short run gains)."""
     return device.type == "cuda" if choice == "auto" else choice == "on"
+
+
+@dataclasses.dataclass(frozen=True)
+class CpuThreads:
+    """The intra-op thread count a CPU run uses, and why."""
+
+    threads: int
+    reason: str
+
+
+def busy_cores(window_s: float = 0.1) -> float | None:
+    """Cores kept busy by other processes, measured from /proc/stat over `window_s` while this process
+    sleeps; None where /proc/stat does not exist (not Linux)."""
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return sum(fields), idle
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(window_s)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    elapsed = total1 - total0
+    if elapsed <= 0:
+        return 0.0
+    return (1 - (idle1 - idle0) / elapsed) * (os.cpu_count() or 1)
+
+
+def choose_cpu_threads(requested: int | None) -> CpuThreads:
+    """Intra-op threads for a CPU run: `requested`; else ``OMP_NUM_THREADS`` when set; else one per core
+    this process may use that other processes do not keep busy (at least 1).
+
+    Why: with every core already busy, torch's default of one thread per core collapses (on 2 cores
+    with one other busy process the default run fell from 12.5k to 3.1k tokens/s, where 1 thread gave
+    5.5k; BENCHMARKS.md), while on an idle machine all cores are worth it.
+    """
+    if requested is not None:
+        return CpuThreads(requested, "--threads")
+    if os.environ.get("OMP_NUM_THREADS"):
+        return CpuThreads(torch.get_num_threads(), "OMP_NUM_THREADS")
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    busy = busy_cores()
+    if busy is None:
+        return CpuThreads(torch.get_num_threads(), "torch default")
+    threads = max(1, min(usable, int(usable - busy + 0.5)))
+    return CpuThreads(threads, f"{busy:.1f} of {os.cpu_count()} cores busy with other work")
 
 
 def device_name(device: torch.device) -> str:

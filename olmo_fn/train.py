@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import sys
@@ -11,16 +12,31 @@ from pathlib import Path
 
 import torch
 
-from olmo_fn.config import TrainConfig, config_fingerprint, config_to_dict, math_differences
-from olmo_fn.errors import CheckpointError, ConfigError, OlmoFnError
+from olmo_fn.config import (
+    TrainConfig,
+    config_fingerprint,
+    config_from_dict,
+    config_to_dict,
+    math_differences,
+)
+from olmo_fn.errors import ConfigError, OlmoFnError
 from olmo_fn.evaluate import evaluate, open_eval_data
 from olmo_fn.graph.flops import count_params
 from olmo_fn.io.atomic import write_json
-from olmo_fn.io.loader import Prefetcher, open_training_data
+from olmo_fn.io.loader import Prefetcher, TrainingData, open_training_data
 from olmo_fn.io.metrics_log import MetricsLog, truncate_metrics
+from olmo_fn.io.text_tokenizer import open_tokenizer_json
 from olmo_fn.progress import StepProgress
-from olmo_fn.runtime import device_name, resolve_compile, resolve_device, resolve_dtype
-from olmo_fn.state.checkpoint import latest_checkpoint, load_checkpoint, read_manifest, remove_incomplete
+from olmo_fn.run_dir import TOKENIZER, RunStart, check_run_dir_writable, inspect_run_dir, keep_tokenizer
+from olmo_fn.runtime import (
+    CpuThreads,
+    choose_cpu_threads,
+    device_name,
+    resolve_compile,
+    resolve_device,
+    resolve_dtype,
+)
+from olmo_fn.state.checkpoint import load_checkpoint, remove_incomplete
 from olmo_fn.state.checkpoint_writer import CheckpointWriter
 from olmo_fn.state.train_state import TrainState, current_versions, empty_train_state, init_train_state
 from olmo_fn.state.train_step import StepSettings, make_train_step
@@ -39,59 +55,127 @@ def _say(enabled: bool, message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def start_state(cfg: TrainConfig, run_dir: Path, device: torch.device, *, verbose: bool = True) -> TrainState:
-    """A fresh state for a new run directory, or the newest checkpoint of an existing run.
+def start_state(
+    cfg: TrainConfig, run_dir: Path, device: torch.device, data: TrainingData
+) -> tuple[TrainState, RunStart, list[str]]:
+    """The state a train command starts from, decided and checked before anything is written:
+    ``(state, how it starts, config differences accepted on resume)``.
 
-    Nothing in an existing run directory changes unless its checkpoint loaded: a refused or failed
-    resume leaves the directory as it was.
+    A fresh state for a new run directory (or one whose earlier attempt failed before its first
+    update), or the newest checkpoint of an existing run; every refusal (see `olmo_fn.run_dir`)
+    raises before the directory changes. The first batch is built here too, so data that cannot
+    train (e.g. a token id outside the vocabulary) is named before a file is written.
     """
     config_json, fingerprint = config_to_dict(cfg), config_fingerprint(cfg)
-    if not (run_dir / "config.json").exists():
-        if cfg.resume:
-            raise CheckpointError(f"{run_dir}: no run to resume here (no config.json); --resume needs one")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        return init_train_state(
+    start = inspect_run_dir(run_dir, resume_required=cfg.resume)
+    differences: list[str] = []
+    if start.kind == "resume":
+        saved = start.manifest["config"]
+        with contextlib.suppress(ConfigError):  # else compared as written: every difference is listed
+            saved = config_to_dict(config_from_dict(TrainConfig, saved, where="config"))  # fills new fields
+        differences = math_differences(saved, config_json)
+        if differences and not cfg.allow_config_change:
+            raise ConfigError(
+                f"{start.checkpoint}: the config differs from the checkpoint's in fields that change the "
+                f"training math: {'; '.join(differences)}. Resume without those options, or pass "
+                "--allow-config-change to continue with the new values (e.g. a new schedule for annealing)"
+            )
+        state = load_checkpoint(start.checkpoint, empty_train_state(cfg.model, device=device))
+    else:
+        state = init_train_state(
             cfg.model, seed=cfg.seed, device=device, config=config_json, config_fingerprint=fingerprint
         )
-    checkpoint = latest_checkpoint(run_dir)
-    if checkpoint is None:
-        raise CheckpointError(
-            f"{run_dir}: holds a run but no complete checkpoint to resume from; "
-            "remove the directory or choose another --run-dir"
-        )
-    differences = math_differences(read_manifest(checkpoint)["config"], config_json)
-    if differences and not cfg.allow_config_change:
+    if cfg.schedule.start_step > state.step:
         raise ConfigError(
-            f"{checkpoint}: the config differs from the checkpoint's in fields that change the training "
-            f"math: {'; '.join(differences)}. Resume without those options, or pass --allow-config-change "
-            "to continue with the new values (e.g. a new schedule for annealing)"
+            f"schedule.start_step={cfg.schedule.start_step} is after step {state.step}, where this run "
+            f"{'resumes' if state.step else 'starts'}; the schedule must start at or before it"
+            + (f" (to anneal from here: --schedule.start-step {state.step})" if state.step else "")
         )
-    state = load_checkpoint(checkpoint, empty_train_state(cfg.model, device=device))
+    if state.step < cfg.steps:
+        data.batch(state.data_cursor, cfg.global_batch_size)  # raises DataError on unusable tokens
+    return state, start, differences
+
+
+def _prepare_run_dir(
+    cfg: TrainConfig, run_dir: Path, state: TrainState, start: RunStart, differences: list[str], verbose: bool
+) -> TrainState:
+    """Write what the run starts with: the directory, config.json, the tokenizer copy; on resume, drop
+    what the interrupted attempt wrote after its checkpoint."""
+    run_dir.mkdir(parents=True, exist_ok=True)
     remove_incomplete(run_dir)
-    dropped = truncate_metrics(run_dir / "metrics.jsonl", state.step)
-    _say(verbose, f"resuming {run_dir} from step {state.step} ({checkpoint.name})")
-    if dropped:
-        _say(verbose, f"  dropped {dropped} metrics record(s) written after that checkpoint")
-    if differences:
-        _say(verbose, "  with config changes: " + "; ".join(differences))
-    if dict(state.versions) != current_versions():
-        _say(verbose, f"  checkpoint written by {dict(state.versions)}, continuing with {current_versions()}")
-    return dataclasses.replace(
-        state, config=config_json, config_fingerprint=fingerprint, versions=current_versions()
-    )
+    if start.kind == "afresh":
+        truncate_metrics(run_dir / "metrics.jsonl", 0)
+        _say(
+            verbose,
+            f"starting {run_dir} afresh: it holds no checkpoint and no completed step "
+            "(an earlier attempt stopped before its first update)",
+        )
+    if start.kind == "resume":
+        dropped = truncate_metrics(run_dir / "metrics.jsonl", state.step)
+        _say(verbose, f"resuming {run_dir} from step {state.step} ({start.checkpoint.name})")
+        if dropped:
+            _say(verbose, f"  dropped {dropped} metrics record(s) written after that checkpoint")
+        if differences:
+            _say(verbose, "  with config changes: " + "; ".join(differences))
+        if dict(state.versions) != current_versions():
+            _say(
+                verbose,
+                f"  checkpoint written by {dict(state.versions)}, continuing with {current_versions()}",
+            )
+        state = dataclasses.replace(
+            state,
+            config=config_to_dict(cfg),
+            config_fingerprint=config_fingerprint(cfg),
+            versions=current_versions(),
+        )
+    keep_tokenizer(run_dir, cfg.data.tokenizer)
+    write_json(run_dir / "config.json", config_to_dict(cfg))
+    return state
+
+
+def _with_run_tokenizer(cfg: TrainConfig, run_dir: Path) -> TrainConfig:
+    """`cfg` reading the run's own tokenizer copy when the configured file is not found from here
+    (a relative path given in another directory, or a file since moved)."""
+    tokenizer = cfg.data.tokenizer
+    if tokenizer == "bytes" or Path(tokenizer).is_file() or not (run_dir / TOKENIZER).is_file():
+        return cfg
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=str(run_dir / TOKENIZER)))
+
+
+def _device_text(device: torch.device, threads: CpuThreads | None) -> str:
+    if threads is None:
+        return device_name(device)
+    return f"cpu ({threads.threads} thread{'s' if threads.threads != 1 else ''}: {threads.reason})"
+
+
+def metrics_lag(device: torch.device) -> int:
+    """Steps by which metrics are read behind the step that made them (1 on CUDA, 0 elsewhere)."""
+    return 1 if device.type == "cuda" else 0
 
 
 def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
-    """Run training as configured (resuming when run_dir holds a run); returns the run directory."""
+    """Run training as configured (resuming when run_dir holds a run); returns the run directory.
+
+    Everything that can be checked is checked before the run directory is touched: the config, the
+    directory itself, the data (files, the first batch's token range), the eval set and tokenizer.
+    """
     device = resolve_device(cfg.device)
+    threads = None
+    if device.type == "cpu":
+        threads = choose_cpu_threads(cfg.threads)
+        torch.set_num_threads(threads.threads)
     if cfg.resume and cfg.run_dir is None:
         raise ConfigError("--resume needs --run-dir: the run directory to resume")
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
+    check_run_dir_writable(run_dir)
+    cfg = _with_run_tokenizer(cfg, run_dir)
+    if cfg.data.tokenizer != "bytes":
+        open_tokenizer_json(cfg.data.tokenizer, f"data.tokenizer={cfg.data.tokenizer}")
     total_instances = cfg.steps * cfg.global_batch_size
     data = open_training_data(cfg.data, cfg.model.vocab_size, seed=cfg.seed, total_instances=total_instances)
     eval_data = open_eval_data(cfg.eval, cfg.data, cfg.model.vocab_size)
-    state = start_state(cfg, run_dir, device, verbose=progress)
-    write_json(run_dir / "config.json", config_to_dict(cfg))
+    state, start, differences = start_state(cfg, run_dir, device, data)
+    state = _prepare_run_dir(cfg, run_dir, state, start, differences, progress)
     if state.step >= cfg.steps:
         _say(progress, f"{run_dir}: already trained for {state.step} of {cfg.steps} steps; nothing to do")
         return run_dir
@@ -114,13 +198,14 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
         progress,
         f"{cfg.preset}: {count_params(cfg.model) / 1e6:,.2f}M params, {len(data):,} instances "
         f"of {cfg.data.seq_len} tokens, {cfg.steps} steps x {cfg.global_batch_size * cfg.data.seq_len:,} "
-        f"tokens on {device_name(device)}, {str(settings.compute_dtype).removeprefix('torch.')}"
+        f"tokens on {_device_text(device, threads)}, "
+        f"{str(settings.compute_dtype).removeprefix('torch.')}"
         f"{', compiled' if settings.compile else ''} -> {run_dir}",
     )
 
     # On an asynchronous device, step k's metrics are read only after step k+1 is queued, so the
     # device never idles while the host waits; the time between reads is then one step's time.
-    lag = 1 if device.type == "cuda" else 0
+    lag = metrics_lag(device)
     pending: list[dict] = []
     last_read = time.perf_counter()
     with (
@@ -169,6 +254,8 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
             while len(pending) > lag:
                 record(pending.pop(0))
             if checkpoints.due(state.step, cfg.steps):
+                while pending:  # a checkpoint never lands before the metrics of the steps it holds
+                    record(pending.pop(0))
                 checkpoints.save(state)
         while pending:
             record(pending.pop(0))

@@ -28,7 +28,7 @@ from olmo_fn.io.mixture import MixturePlan, SourceConfig
 from olmo_fn.io.packing import PackedDocuments
 from olmo_fn.io.paths import expand_paths
 from olmo_fn.io.stdlib_corpus import stdlib_token_file
-from olmo_fn.io.token_file import TOKEN_DTYPES, token_dtype
+from olmo_fn.io.token_file import TOKEN_DTYPES, scan_token_range, token_dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,6 +156,8 @@ def open_training_data(
     for source in sources:
         where = "data.paths" if not cfg.sources else f"data.sources[{source.name!r}].paths"
         paths = expand_paths(source.paths, where)
+        if not embedded:
+            scan_token_range(paths, dtype, vocab_size)
         if cfg.packing == "documents":
             opened.append(PackedDocuments.open(paths, dtype, cfg.seq_len, eos, pad))
         else:

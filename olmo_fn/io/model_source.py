@@ -17,7 +17,9 @@ from olmo_fn.graph.config import ModelConfig
 from olmo_fn.graph.init import empty_params
 from olmo_fn.io.byte_tokenizer import BYTE_EOS
 from olmo_fn.io.hf_checkpoint import is_hf_dir, read_hf_model
+from olmo_fn.io.paths import contained_path
 from olmo_fn.io.safetensors_export import load_exported
+from olmo_fn.run_dir import run_tokenizer
 from olmo_fn.state.checkpoint import load_params, read_manifest, resolve_checkpoint
 
 
@@ -45,15 +47,19 @@ def load_model(
         cfg, params, _ = read_hf_model(path, device=device, dtype=dtype)
         config = orjson.loads((path / "config.json").read_bytes())
         tokenizer = str(path / "tokenizer.json") if (path / "tokenizer.json").is_file() else None
-        eos = config.get("eos_token_id")
-        return LoadedModel(cfg, params, tokenizer, eos if isinstance(eos, int) else None, "huggingface")
+        eos = _checked_eos(config.get("eos_token_id"), cfg.vocab_size, path / "config.json")
+        return LoadedModel(cfg, params, tokenizer, eos, "huggingface")
     if (path / "model.safetensors").is_file() and (path / "config.json").is_file():
         cfg, params = load_exported(path, device=device)
         info = orjson.loads((path / "config.json").read_bytes())
         params = params.apply(lambda t: t.to(dtype))
         tokenizer = info.get("tokenizer")
-        if tokenizer not in (None, "bytes") and (path / tokenizer).is_file():  # copied in, relative
-            tokenizer = str(path / tokenizer)
+        if tokenizer not in (None, "bytes"):  # copied in: a name inside the export
+            where = f"{path / 'config.json'}: tokenizer"
+            copy = contained_path(path, tokenizer, where, follow_links=True)
+            if not copy.is_file():
+                raise CheckpointError(f"{where}: {copy} not found (the export is incomplete)")
+            tokenizer = str(copy)
         return LoadedModel(cfg, params, tokenizer, info.get("eos_token_id"), "export")
     checkpoint = resolve_checkpoint(path)
     manifest = read_manifest(checkpoint)
@@ -62,10 +68,21 @@ def load_model(
     )
     params = load_params(checkpoint, empty_params(train_cfg.model, device=device, dtype=dtype))
     tokenizer, eos = tokenizer_of(train_cfg)
-    return LoadedModel(train_cfg.model, params, tokenizer, eos, "checkpoint")
+    return LoadedModel(train_cfg.model, params, run_tokenizer(checkpoint, tokenizer), eos, "checkpoint")
+
+
+def _checked_eos(eos: object, vocab_size: int, where: Path) -> int | None:
+    """A Hugging Face config's eos_token_id (None when absent or a list), refused outside the vocabulary."""
+    ids = eos if isinstance(eos, list) else [eos] if eos is not None else []
+    for token_id in ids:
+        if not isinstance(token_id, int) or isinstance(token_id, bool) or not 0 <= token_id < vocab_size:
+            raise CheckpointError(
+                f"{where}: eos_token_id={eos!r} is outside the vocabulary (vocab_size={vocab_size})"
+            )
+    return eos if isinstance(eos, int) else None
 
 
 def tokenizer_of(train_cfg: TrainConfig) -> tuple[str, int | None]:
     """(tokenizer, EOS id) of a training config's data."""
     data = train_cfg.data
-    return data.tokenizer, data.eos_token_id if data.paths else BYTE_EOS
+    return data.tokenizer, data.eos_token_id if data.paths or data.sources else BYTE_EOS

@@ -50,6 +50,26 @@ def write_token_file(path: str | os.PathLike, tokens: np.ndarray) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
+RANGE_SCAN_BUDGET = 4 << 30
+"""Token files up to this many bytes in all are scanned whole for ids outside the vocabulary before a
+run starts (a few seconds at most); larger data is checked batch by batch as it is read."""
+
+
+def scan_token_range(paths: list[Path], dtype: np.dtype, vocab_size: int) -> bool:
+    """Check every id of `paths` against `vocab_size` (DataError naming file and offset), when ids of
+    `dtype` can reach it and the files fit `RANGE_SCAN_BUDGET`; returns whether they were scanned."""
+    if np.iinfo(dtype).max < vocab_size:
+        return True  # no id of this dtype can be out of range
+    arrays = [open_token_file(path, dtype) for path in paths]
+    if sum(a.nbytes for a in arrays) > RANGE_SCAN_BUDGET:
+        return False
+    chunk = (64 << 20) // dtype.itemsize
+    for path, tokens in zip(paths, arrays, strict=True):
+        for start in range(0, len(tokens), chunk):
+            check_token_range(np.asarray(tokens[start : start + chunk]), vocab_size, Path(path), start)
+    return True
+
+
 def check_token_range(tokens: np.ndarray, vocab_size: int, path: Path, offset: int) -> None:
     """DataError naming the file and token offset if any id in `tokens` is >= `vocab_size`."""
     biggest = int(tokens.max()) if len(tokens) else 0

@@ -1,4 +1,9 @@
-"""Learning-rate schedules: linear warmup, then cosine, linear or no decay."""
+"""Learning-rate schedules: linear warmup, then cosine, linear or no decay.
+
+A schedule normally spans the whole run. With ``start_step`` it begins later: steps are counted from
+there, so warmup and decay fit between that step and the end of the run. That is how a finished run
+is annealed: resume it with more steps and a schedule that starts at its last step.
+"""
 
 from __future__ import annotations
 
@@ -19,16 +24,26 @@ class ScheduleConfig:
     """Shape of the decay from the peak to ``min_lr_ratio * peak`` at the last step."""
     min_lr_ratio: float = 0.1
     """Final learning rate as a fraction of the peak."""
+    start_step: int = 0
+    """The step this schedule begins at (warmup and decay are counted from it). To anneal a finished
+    run, resume it with more --steps and --schedule.start-step set to the step it finished at."""
 
     def __post_init__(self) -> None:
         if self.warmup_steps < 0:
             raise ConfigError(f"schedule.warmup_steps={self.warmup_steps} must be >= 0")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"schedule.min_lr_ratio={self.min_lr_ratio!r} must be in [0, 1]")
+        if self.start_step < 0:
+            raise ConfigError(f"schedule.start_step={self.start_step} must be >= 0")
 
 
 def lr_at(step: int, *, peak: float, cfg: ScheduleConfig, total_steps: int) -> float:
-    """Learning rate of update `step` (0-based) in a run of `total_steps` updates."""
+    """Learning rate of update `step` (0-based) in a run of `total_steps` updates.
+
+    The schedule covers updates ``cfg.start_step .. total_steps - 1``; an update before its start
+    (which a run that starts there never makes) gets the schedule's first learning rate.
+    """
+    step, total_steps = max(0, step - cfg.start_step), total_steps - cfg.start_step
     if step < cfg.warmup_steps:
         return peak * (step + 1) / cfg.warmup_steps
     if cfg.decay == "constant":

@@ -1,0 +1,61 @@
+"""What `train` prints when it ends: where the run stands, and the commands that use it next."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import orjson
+
+
+def _last_rows(metrics: Path) -> tuple[dict | None, dict | None]:
+    """(last step record, last record with an evaluation) of a metrics.jsonl (torn lines skipped)."""
+    last = last_eval = None
+    if not metrics.is_file():
+        return None, None
+    for line in metrics.read_bytes().splitlines():
+        try:
+            row = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and "step" in row:
+            last = row
+            if any(k.startswith("eval/") for k in row):
+                last_eval = row
+    return last, last_eval
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return (
+        f"{hours}h {minutes:02d}m {secs:02d}s"
+        if hours
+        else f"{minutes}m {secs:02d}s"
+        if minutes
+        else f"{secs}s"
+    )
+
+
+def finished_summary(run_dir: Path, elapsed_s: float) -> str:
+    """Final step and loss, the latest evaluation, the time taken, and the next commands."""
+    last, last_eval = _last_rows(run_dir / "metrics.jsonl")
+    lines = [f"run directory: {run_dir}"]
+    if last is not None:
+        status = f"step {last['step']}: loss {last['loss']:.4f}"
+        if last_eval is not None:
+            for key in sorted(k for k in last_eval if k.startswith("eval/") and k.endswith("/loss")):
+                name = key.removesuffix("/loss")
+                bpb = last_eval.get(f"{name}/bpb")
+                status += f", {name} loss {last_eval[key]:.4f}" + (f" ({bpb:.3f} bits/byte)" if bpb else "")
+            if last_eval["step"] != last["step"]:
+                status += f" at step {last_eval['step']}"
+        lines.append(f"{status}; this command took {_duration(elapsed_s)}")
+    run, hf = shlex.quote(str(run_dir)), shlex.quote(f"{run_dir}-hf")
+    lines += [
+        "next:",
+        f"  python -m olmo_fn.run generate --checkpoint {run} --prompt 'def '   # sample from it",
+        f"  python -m olmo_fn.run convert to-hf {run} {hf}   # for transformers",
+        f"  python -m olmo_fn.run checkpoint info {run}   # what its checkpoints hold",
+    ]
+    return "\n".join(lines)
