@@ -41,8 +41,9 @@ class BenchConfig:
     """Model size; --model.* options override single fields of it."""
     model: ModelConfig = PRESETS[DEFAULT_PRESET]
     seq_len: int = 256
-    micro_batch: int = 4
-    """Sequences per forward/backward pass."""
+    """Tokens per sequence (train's --data.seq-len; either spelling works in both commands)."""
+    micro_batch_size: int = 4
+    """Sequences per forward/backward pass (--micro-batch works too)."""
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
     steps: int = 10
@@ -70,7 +71,7 @@ class BenchConfig:
     """Peak FLOP/s of the device in TFLOP/s for MFU; default: the bf16 datasheet peak of known GPUs."""
 
     def __post_init__(self) -> None:
-        for name in ("seq_len", "micro_batch", "grad_accum", "steps"):
+        for name in ("seq_len", "micro_batch_size", "grad_accum", "steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"bench.{name}={getattr(self, name)} must be >= 1")
         if self.checkpoint_interval < 0:
@@ -122,13 +123,13 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     compiled = resolve_compile(cfg.compile, device)
-    batch_rows = cfg.micro_batch * cfg.grad_accum
+    batch_rows = cfg.micro_batch_size * cfg.grad_accum
     settings = StepSettings(
         model=cfg.model,
         optim=cfg.optim,
         schedule=ScheduleConfig(warmup_steps=1),
         total_steps=cfg.steps,
-        micro_batch_size=cfg.micro_batch,
+        micro_batch_size=cfg.micro_batch_size,
         compute_dtype=dtype,
         attention_backend=cfg.attention_backend,
         document_masking=cfg.document_masking,
@@ -177,7 +178,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         "preset": cfg.preset,
         "params": count_params(cfg.model),
         "seq_len": cfg.seq_len,
-        "micro_batch": cfg.micro_batch,
+        "micro_batch_size": cfg.micro_batch_size,
         "grad_accum": cfg.grad_accum,
         "tokens_per_s": round(tokens_per_s, 1),
         "mfu": None if peak is None else round(tokens_per_s * flops / peak, 6),

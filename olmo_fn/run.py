@@ -4,8 +4,11 @@ Options come from the same frozen dataclasses a notebook uses. Two options are r
 parses the rest, because they change the defaults the rest apply to:
 
 - ``--preset NAME`` picks the model size; ``--model.*`` flags then override single fields.
-- ``--config FILE`` starts from a JSON config (e.g. a run's ``config.json``); flags override it.
+- ``--config FILE`` starts from a JSON config (e.g. a run's ``config.json``) used as a template:
+  its run directory and its resume choices are not taken over; flags override the rest.
   ``train --run-dir DIR`` on a directory that holds a run starts from its ``config.json`` the same way.
+
+Spellings that differ between commands are accepted in both (`ALIASES`); --help shows one.
 
 Errors of the library's own families print as one line without a traceback; ``--debug`` shows it.
 """
@@ -13,7 +16,9 @@ Errors of the library's own families print as one line without a traceback; ``--
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Union
@@ -33,9 +38,21 @@ from olmo_fn.io.prepare_data import PrepareDataConfig, run_prepare_data
 
 PROG = "python -m olmo_fn.run"
 DESCRIPTION = (
-    "olmo_fn: pre-train OLMo-family language models. Run a command with --help for its options; "
-    "add --debug to any command to see tracebacks."
+    "olmo_fn: pre-train OLMo-family language models. Run a command with --help for its options. "
+    "Options every command takes: --debug (show the traceback of an error). "
+    "train also takes --config FILE (start from a JSON config such as a run's config.json; "
+    "flags override it)."
 )
+DEBUG_NOTE = " Also: --debug shows the traceback of an error."
+CONFIG_NOTE = (
+    " Also: --config FILE starts from a JSON config (a run's config.json: its run directory is not "
+    "taken over); flags override it. --debug shows the traceback of an error."
+)
+ALIASES = {
+    "train": {"--micro-batch": "--micro-batch-size", "--seq-len": "--data.seq-len"},
+    "bench": {"--micro-batch": "--micro-batch-size", "--data.seq-len": "--seq-len"},
+}
+"""Other spellings of options, per command: the name a user may know from the other command."""
 
 
 def _take_option(args: list[str], name: str) -> str | None:
@@ -71,7 +88,10 @@ def _defaults(command: str | None, args: list[str]) -> dict[str, object]:
     if config_path is not None:
         if command != "train":
             raise ConfigError("--config applies to the train command")
-        train = config_from_json(config_path)
+        # A template: where it ran and how it resumed belong to that run, not to this command.
+        train = dataclasses.replace(
+            config_from_json(config_path), run_dir=None, resume=False, allow_config_change=False
+        )
     if preset is not None:
         model = get_preset(preset)
         train = dataclasses.replace(train, preset=preset, model=model)
@@ -117,19 +137,38 @@ Command = (
 )
 
 
+def _apply_aliases(command: str | None, args: list[str]) -> list[str]:
+    """`args` with every alias of `command` (``--name VALUE`` or ``--name=VALUE``) spelled canonically."""
+    aliases = ALIASES.get(command or "", {})
+    out = []
+    for arg in args:
+        name, eq, value = arg.partition("=")
+        out.append(aliases[name] + eq + value if name in aliases else arg)
+    return out
+
+
+def _described(cls: type, note: str) -> str:
+    return (cls.__doc__ or "").strip() + note
+
+
 def parse(argv: Sequence[str]) -> Command:
     """The command and config that `argv` (without the program name) asks for."""
     args = list(argv)
     command = next((a for a in args if a in COMMANDS), None)
+    args = _apply_aliases(command, args)
     defaults = _defaults(command, args)
+
+    def sub(name: str, cls: type, note: str = DEBUG_NOTE, **kwargs):
+        return tyro.conf.subcommand(name, description=_described(cls, note), **kwargs)
+
     commands = Union[  # noqa: UP007 (tyro reads the Union)
-        Annotated[TrainConfig, tyro.conf.subcommand("train", default=defaults["train"])],
-        Annotated[PrepareDataConfig, tyro.conf.subcommand("prepare-data")],
-        Annotated[GenerateConfig, tyro.conf.subcommand("generate")],
-        Annotated[ConvertCommand, tyro.conf.subcommand("convert")],
-        Annotated[CheckpointCommand, tyro.conf.subcommand("checkpoint")],
-        Annotated[BenchConfig, tyro.conf.subcommand("bench", default=defaults["bench"])],
-        Annotated[PrepareBenchConfig, tyro.conf.subcommand("bench-prepare", default=PrepareBenchConfig())],
+        Annotated[TrainConfig, sub("train", TrainConfig, CONFIG_NOTE, default=defaults["train"])],
+        Annotated[PrepareDataConfig, sub("prepare-data", PrepareDataConfig)],
+        Annotated[GenerateConfig, sub("generate", GenerateConfig)],
+        Annotated[ConvertCommand, sub("convert", ConvertCommand)],
+        Annotated[CheckpointCommand, sub("checkpoint", CheckpointCommand)],
+        Annotated[BenchConfig, sub("bench", BenchConfig, default=defaults["bench"])],
+        Annotated[PrepareBenchConfig, sub("bench-prepare", PrepareBenchConfig, default=PrepareBenchConfig())],
     ]
     return tyro.cli(
         commands, args=args, prog=PROG, description=DESCRIPTION, config=(tyro.conf.OmitSubcommandPrefixes,)
@@ -156,10 +195,12 @@ def run(cfg: Command) -> None:
             out = checkpoint_export(cfg.action)
             print(f"exported {out}", file=sys.stderr)
     else:
+        from olmo_fn.summary import finished_summary
         from olmo_fn.train import train
 
+        started = time.perf_counter()
         run_dir = train(cfg)
-        print(f"run directory: {run_dir}", file=sys.stderr)
+        print(finished_summary(run_dir, time.perf_counter() - started), file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -168,15 +209,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = [a for a in args if a != "--debug"]
     try:
         run(parse(args))
+        sys.stdout.flush()
     except OlmoFnError as exc:
         if debug:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`... | head -1`): stop quietly, as `cat` would
+        _discard_stdout()
+        return 141
+    except OSError as exc:  # the machine said no: a full disk, a read-only directory, a missing file
+        if debug:
+            raise
+        print(f"error: {_os_error(exc)} (--debug shows where)", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _os_error(exc: OSError) -> str:
+    """``path: reason`` of an OSError, e.g. ``runs/x/config.json: Read-only file system``."""
+    reason = exc.strerror or str(exc)
+    names = [n for n in (exc.filename, exc.filename2) if n is not None]
+    return f"{' -> '.join(map(str, names))}: {reason}" if names else reason
+
+
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's final flush does not fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a real file (e.g. captured in tests)
+        pass
+    finally:
+        os.close(devnull)
 
 
 if __name__ == "__main__":

@@ -104,7 +104,8 @@ def logits(params, ids, positions, doc_ids, cfg):
     x = params["embeddings"].double()[ids]
     for i in range(cfg.n_layers):
         x = block(params["blocks"][str(i)], x, positions, allowed(doc_ids, cfg.layer_window(i)), cfg)
-    return rms_norm(x, params["lm_head"]["norm"], cfg.norm_eps) @ params["lm_head"]["w_out"].double().T
+    w_out = params["embeddings"] if cfg.tie_embeddings else params["lm_head"]["w_out"]
+    return rms_norm(x, params["lm_head"]["norm"], cfg.norm_eps) @ w_out.double().T
 
 
 def cross_entropy_sums(logits, labels, ignore_index=-100):

@@ -11,7 +11,7 @@ from olmo_fn.graph.presets import PRESETS
 
 
 def test_bench_reports_consistent_figures():
-    cfg = BenchConfig(steps=3, warmup=1, seq_len=32, micro_batch=2, grad_accum=2, peak_tflops=0.5)
+    cfg = BenchConfig(steps=3, warmup=1, seq_len=32, micro_batch_size=2, grad_accum=2, peak_tflops=0.5)
     out = run_bench(cfg)
     assert out["tokens_per_s"] == pytest.approx(2 * 2 * 32 / out["step_s"], rel=1e-2)
     assert out["flops_per_token"] == flops_per_token(PRESETS["olmo2-tiny"], 32)
@@ -21,7 +21,7 @@ def test_bench_reports_consistent_figures():
 
 
 def test_bench_without_known_peak_reports_no_mfu():
-    assert run_bench(BenchConfig(steps=2, warmup=1, seq_len=16, micro_batch=1))["mfu"] is None
+    assert run_bench(BenchConfig(steps=2, warmup=1, seq_len=16, micro_batch_size=1))["mfu"] is None
 
 
 def test_bench_rejects_warmup_covering_all_steps():
@@ -32,7 +32,7 @@ def test_bench_rejects_warmup_covering_all_steps():
 @pytest.mark.parametrize("async_save", [False, True])
 def test_bench_with_checkpoints_reports_their_cost(async_save):
     cfg = BenchConfig(
-        steps=5, warmup=1, seq_len=16, micro_batch=1, checkpoint_interval=2, async_save=async_save
+        steps=5, warmup=1, seq_len=16, micro_batch_size=1, checkpoint_interval=2, async_save=async_save
     )
     out = run_bench(cfg)
     tensor_mib = 3 * 4 * out["params"] / 2**20  # fp32 params + two AdamW moments

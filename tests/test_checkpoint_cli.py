@@ -16,13 +16,19 @@ from olmo_fn.io.safetensors_export import load_exported
 from olmo_fn.run import main
 from olmo_fn.state.checkpoint import load_params, read_manifest
 from olmo_fn.state.checkpoint_writer import CheckpointConfig
+from olmo_fn.state.schedule import ScheduleConfig
 from olmo_fn.state.train_state import empty_train_state
 from olmo_fn.train import train
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    cfg = TrainConfig(steps=4, global_batch_size=2, checkpoint=CheckpointConfig(interval=2))
+    cfg = TrainConfig(
+        steps=4,
+        schedule=ScheduleConfig(warmup_steps=1),
+        global_batch_size=2,
+        checkpoint=CheckpointConfig(interval=2),
+    )
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seq_len=32))
     return train(
         dataclasses.replace(cfg, run_dir=str(tmp_path_factory.mktemp("ckcli") / "run")), progress=False

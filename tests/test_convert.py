@@ -13,6 +13,7 @@ from olmo_fn.graph.param_tree import flatten
 from olmo_fn.io.loader import DataConfig
 from olmo_fn.io.model_source import load_model
 from olmo_fn.run import main
+from olmo_fn.state.schedule import ScheduleConfig
 from olmo_fn.train import train
 
 transformers = pytest.importorskip("transformers")
@@ -22,7 +23,12 @@ transformers = pytest.importorskip("transformers")
 def run_dir(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("convert")
     cfg = dataclasses.replace(
-        TrainConfig(), steps=3, global_batch_size=2, data=DataConfig(seq_len=32), run_dir=str(tmp / "run")
+        TrainConfig(),
+        steps=3,
+        schedule=ScheduleConfig(warmup_steps=1),
+        global_batch_size=2,
+        data=DataConfig(seq_len=32),
+        run_dir=str(tmp / "run"),
     )
     return train(cfg, progress=False)
 

@@ -84,6 +84,7 @@ def test_training_logs_eval_at_its_interval_and_at_the_end(tmp_path):
     cfg = dataclasses.replace(
         TrainConfig(),
         steps=5,
+        schedule=ScheduleConfig(warmup_steps=1),
         global_batch_size=2,
         run_dir=str(tmp_path / "run"),
         eval=EvalConfig(interval=2, max_instances=4),

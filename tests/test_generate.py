@@ -24,6 +24,7 @@ from olmo_fn.graph.decode import decode_step, prefill
 from olmo_fn.graph.sampling import generate, generate_stream, next_tokens, top_p_filter
 from olmo_fn.io.byte_tokenizer import BYTE_EOS, decode_bytes
 from olmo_fn.io.model_source import load_model
+from olmo_fn.state.schedule import ScheduleConfig
 
 import reference as ref
 
@@ -381,7 +382,13 @@ def byte_run(tmp_path_factory):
 
     run_dir = tmp_path_factory.mktemp("generate") / "run"
     train(
-        TrainConfig(steps=3, global_batch_size=2, data=DataConfig(seq_len=32), run_dir=str(run_dir)),
+        TrainConfig(
+            steps=3,
+            schedule=ScheduleConfig(warmup_steps=1),
+            global_batch_size=2,
+            data=DataConfig(seq_len=32),
+            run_dir=str(run_dir),
+        ),
         progress=False,
     )
     return run_dir

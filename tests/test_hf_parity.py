@@ -126,8 +126,12 @@ def test_import_then_export_is_lossless(saved_hf, tmp_path, gen):
     out = write_hf_model(tmp_path / "exported", params, cfg)
     original = safetensors_torch.load_file(str(directory / "model.safetensors"))
     exported = safetensors_torch.load_file(str(out / "model.safetensors"))
-    if name == "llama-tied":  # olmo_fn keeps the head separate: exported untied, equal values
-        original["lm_head.weight"] = original["model.embed_tokens.weight"]
+    if name == "llama-tied":  # tied on both sides: one matrix, no lm_head.weight
+        assert cfg.tie_embeddings and "w_out" not in params["lm_head"]
+        assert (
+            "lm_head.weight" not in exported
+            and orjson.loads((out / "config.json").read_bytes())["tie_word_embeddings"]
+        )
     assert original.keys() == exported.keys()
     assert all(torch.equal(original[k], exported[k]) for k in original)
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()

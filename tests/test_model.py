@@ -145,3 +145,27 @@ def test_sliding_window_logits_match_reference(backend, with_documents, gen):
     expected = ref.logits(params, ids, positions, doc_ids if with_documents else torch.zeros_like(ids), cfg)
     tol = 1e-6 if backend == "sdpa" else 1e-4
     torch.testing.assert_close(out.double(), expected, atol=tol, rtol=tol)
+
+
+def test_tied_embeddings_are_one_matrix_used_twice(gen):
+    """Tied: no lm_head.w_out; logits equal the naive reference, and the embedding's gradient is the sum
+    of what an untied model with the same matrix in both places gives its two copies."""
+    tied_cfg = dataclasses.replace(SMALL, tie_embeddings=True)
+    assert "lm_head.w_out" not in param_shapes(tied_cfg)
+    tied = init_params(tied_cfg, seed=1).apply(lambda t: t.double().requires_grad_(True))
+    ids = torch.randint(0, SMALL.vocab_size, (2, 9), generator=gen)
+    positions = torch.arange(9).expand(2, 9)
+    out = logits(tied, ids, tied_cfg)
+    expected = ref.logits(tied, ids, positions, torch.zeros_like(ids), tied_cfg)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)  # fp32 RoPE tables, as above
+
+    untied = init_params(SMALL, seed=1).apply(lambda t: t.double())
+    for path, value in flatten(tied).items():
+        untied.set(tuple(path.split(".")), value.detach().clone())
+    untied.set(("lm_head", "w_out"), tied["embeddings"].detach().clone())
+    untied = untied.apply(lambda t: t.requires_grad_(True))
+    weights = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    (out * weights).sum().backward()
+    (logits(untied, ids, SMALL) * weights).sum().backward()
+    both = untied["embeddings"].grad + untied["lm_head"]["w_out"].grad
+    torch.testing.assert_close(tied["embeddings"].grad, both, atol=1e-10, rtol=1e-10)

@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from olmo_fn.config import TrainConfig, config_from_json
 from olmo_fn.io.metrics_log import read_metrics
 from olmo_fn.state.checkpoint import load_checkpoint, read_manifest
@@ -23,9 +25,12 @@ def test_short_run_learns_and_writes_a_complete_run_directory(tmp_path):
     assert config_from_json(run_dir / "config.json") == cfg
     rows = read_metrics(run_dir / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, 41))
-    for key in ("loss", "lr", "tokens_per_s", "grad_norm", "z_loss", "tokens_seen"):
+    for key in ("loss", "lr", "tokens_per_s", "grad_norm", "z_loss", "logsumexp_sq", "tokens_seen"):
         assert all(isinstance(r[key], float | int) for r in rows), key
     assert rows[-1]["tokens_seen"] == 40 * 8 * 256
+    # z_loss is the weighted term added to the objective; logsumexp_sq the unweighted mean it weighs.
+    assert all(r["z_loss"] == pytest.approx(cfg.z_loss * r["logsumexp_sq"], rel=1e-5) for r in rows)
+    assert rows[0]["logsumexp_sq"] > 1 and rows[0]["z_loss"] < 1e-2 * rows[0]["loss"]
     assert rows[-1]["loss"] < 0.5 * rows[0]["loss"]
     manifest = read_manifest(run_dir / "checkpoints" / "step40")
     assert (manifest["step"], manifest["tokens_seen"], manifest["data_cursor"]) == (40, 40 * 8 * 256, 40 * 8)
@@ -39,7 +44,13 @@ def test_runs_are_deterministic(tmp_path):
     """Same config, same machine: the same loss at every step (no hidden RNG state)."""
     losses = []
     for name in ("a", "b"):
-        cfg = dataclasses.replace(SHORT, steps=4, micro_batch_size=4, run_dir=str(tmp_path / name))
+        cfg = dataclasses.replace(
+            SHORT,
+            steps=4,
+            schedule=ScheduleConfig(warmup_steps=2),
+            micro_batch_size=4,
+            run_dir=str(tmp_path / name),
+        )
         losses.append([r["loss"] for r in read_metrics(train(cfg, progress=False) / "metrics.jsonl")])
     assert losses[0] == losses[1]
 
@@ -53,6 +64,8 @@ def test_cli_train_with_dotted_overrides(tmp_path, isolated_cache):
         "train",
         "--steps",
         "3",
+        "--schedule.warmup-steps",
+        "1",
         "--global-batch-size",
         "2",
         "--model.n-layers",

@@ -116,7 +116,8 @@ def test_reported_loss_is_mean_over_all_targets(gen):
     _, metrics = make_train_step(settings(micro_batch_size=1))(state, batch)
     assert int(metrics["n_targets"]) == n
     assert metrics["loss"].item() == pytest.approx(ce / n, rel=1e-6)  # fp32 RoPE tables
-    assert metrics["z_loss"].item() == pytest.approx(z / n, rel=1e-6)
+    assert metrics["logsumexp_sq"].item() == pytest.approx(z / n, rel=1e-6)
+    assert metrics["z_loss"].item() == pytest.approx(1e-3 * z / n, rel=1e-6)  # weight from settings()
 
 
 def test_bf16_compute_keeps_fp32_masters(gen):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Literal
 
 from olmo_fn.errors import ConfigError
@@ -39,6 +40,8 @@ class ModelConfig:
     window-1 tokens before it. Empty: every layer full. OLMo 3: 4096 4096 4096 0."""
     full_last_layer: bool = True
     """With a window pattern, the last layer always attends fully (OLMo 3)."""
+    tie_embeddings: bool = False
+    """The LM head's output matrix is the embedding matrix (no separate lm_head.w_out), as in Llama 3.2 1B."""
 
     def __post_init__(self) -> None:
         problems = validate_model_config(self)
@@ -77,12 +80,10 @@ def validate_model_config(cfg: ModelConfig) -> list[str]:
         )
     if cfg.n_heads % cfg.n_kv_heads:
         problems.append(f"model.n_kv_heads={cfg.n_kv_heads} does not divide model.n_heads={cfg.n_heads}")
-    if not cfg.rope_theta > 0:
-        problems.append(f"model.rope_theta={cfg.rope_theta!r} must be > 0")
-    if not cfg.norm_eps > 0:
-        problems.append(f"model.norm_eps={cfg.norm_eps!r} must be > 0")
-    if not cfg.init_std > 0:
-        problems.append(f"model.init_std={cfg.init_std!r} must be > 0")
+    for name in ("rope_theta", "norm_eps", "init_std"):
+        value = getattr(cfg, name)
+        if not 0 < value < math.inf:
+            problems.append(f"model.{name}={value!r} must be finite and > 0")
     if cfg.block not in ("reordered_norm", "pre_norm"):
         problems.append(f"model.block={cfg.block!r} must be reordered_norm or pre_norm")
     bad_windows = [w for w in cfg.window_pattern if not isinstance(w, int) or isinstance(w, bool) or w < 0]

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from olmo_fn.graph.attention import attend, project_out, project_qkv
 from olmo_fn.graph.block import block_for
 from olmo_fn.graph.config import ModelConfig
-from olmo_fn.graph.model import lm_head
+from olmo_fn.graph.model import head_params, lm_head
 from olmo_fn.graph.rope import rope_tables
 
 
@@ -173,7 +173,7 @@ def prefill(
         raise ValueError(f"capacity={capacity} is smaller than the longest prompt ({ids.shape[1]} tokens)")
     cache = empty_cache(cfg, pad, capacity, dtype=embeddings.dtype)
     hidden, cache = cached_hidden_states(params, cfg, cache, ids)
-    return lm_head(params["lm_head"], hidden[:, -1:], cfg)[:, 0], cache
+    return lm_head(head_params(params, cfg), hidden[:, -1:], cfg)[:, 0], cache
 
 
 def decode_step(
@@ -182,4 +182,4 @@ def decode_step(
     """Feed one token per row, tokens: (batch,) int64; returns its logits (batch, vocab_size) and the
     cache (`cache` is consumed)."""
     hidden, cache = cached_hidden_states(params, cfg, cache, tokens[:, None])
-    return lm_head(params["lm_head"], hidden, cfg)[:, 0], cache
+    return lm_head(head_params(params, cfg), hidden, cfg)[:, 0], cache

@@ -16,8 +16,10 @@ def count_params(cfg: ModelConfig, *, embeddings: bool = True) -> int:
 
 
 def matmul_params(cfg: ModelConfig) -> int:
-    """Parameters that take part in a matmul for every token: every matrix but the embedding table."""
-    return sum(math.prod(s) for p, s in param_shapes(cfg).items() if len(s) == 2 and p != "embeddings")
+    """Parameters that take part in a matmul for every token: every matrix but the embedding table
+    (which counts once when it is also the LM head's output matrix)."""
+    tied = cfg.vocab_size * cfg.d_model if cfg.tie_embeddings else 0
+    return tied + sum(math.prod(s) for p, s in param_shapes(cfg).items() if len(s) == 2 and p != "embeddings")
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:

@@ -72,13 +72,22 @@ def hidden_states(
 
 
 def lm_head(p: Mapping[str, torch.Tensor], h: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
-    """Final RMSNorm and output projection: (batch, seq, d_model) -> logits (batch, seq, vocab_size)."""
+    """Final RMSNorm and output projection: (batch, seq, d_model) -> logits (batch, seq, vocab_size).
+
+    p: ``{"norm", "w_out"}``; `head_params` gives it for tied and untied models alike."""
     return rms_norm(h, p["norm"], cfg.norm_eps) @ p["w_out"].T
+
+
+def head_params(params: Mapping[str, Any], cfg: ModelConfig) -> Mapping[str, torch.Tensor]:
+    """The LM head's norm and output matrix; with tied embeddings the matrix is ``params["embeddings"]``."""
+    if cfg.tie_embeddings:
+        return {"norm": params["lm_head"]["norm"], "w_out": params["embeddings"]}
+    return params["lm_head"]
 
 
 def logits(params: Mapping[str, Any], input_ids: torch.Tensor, cfg: ModelConfig, **kwargs) -> torch.Tensor:
     """Logits (batch, seq, vocab_size); keyword arguments as for `hidden_states`."""
-    return lm_head(params["lm_head"], hidden_states(params, input_ids, cfg, **kwargs), cfg)
+    return lm_head(head_params(params, cfg), hidden_states(params, input_ids, cfg, **kwargs), cfg)
 
 
 def loss_sums(

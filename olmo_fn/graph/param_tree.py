@@ -14,7 +14,7 @@ mapping translate key by key::
     blocks.{i}.feed_forward.w2                  (d_model, mlp_hidden)    down
     blocks.{i}.feed_forward_norm                (d_model,)
     lm_head.norm                                (d_model,)
-    lm_head.w_out                               (vocab_size, d_model)
+    lm_head.w_out                               (vocab_size, d_model)  [not with tie_embeddings]
 
 Matrices are stored ``(out, in)`` like ``torch.nn.Linear`` weights. Each layer is its own subtree
 (no stacked layer axis), so pipeline stages are slices of ``blocks`` and every layer reuses one
@@ -51,7 +51,8 @@ def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         shapes[f"{b}.feed_forward.w3"] = (cfg.mlp_hidden, d)
         shapes[f"{b}.feed_forward_norm"] = (d,)
     shapes["lm_head.norm"] = (d,)
-    shapes["lm_head.w_out"] = (cfg.vocab_size, d)
+    if not cfg.tie_embeddings:
+        shapes["lm_head.w_out"] = (cfg.vocab_size, d)
     return shapes
 
 

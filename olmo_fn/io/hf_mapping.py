@@ -92,11 +92,11 @@ def params_to_hf(params: TensorDict | Mapping, arch: HfArch) -> dict[str, torch.
 
 
 def params_from_hf(state_dict: Mapping[str, torch.Tensor], arch: HfArch, *, tied: bool = False) -> TensorDict:
-    """The parameter tree held by a transformers state dict; with `tied` embeddings the LM head is a copy
-    of the embedding matrix (olmo_fn keeps them separate)."""
+    """The parameter tree held by a transformers state dict. With `tied` embeddings there is no
+    lm_head.w_out (a saved ``lm_head.weight``, the same matrix, is dropped)."""
     flat = {from_hf_name(name, arch): t for name, t in state_dict.items() if not _is_buffer(name)}
-    if "lm_head.w_out" not in flat and tied:
-        flat["lm_head.w_out"] = flat["embeddings"].clone()
+    if tied:
+        flat.pop("lm_head.w_out", None)
     return unflatten(flat)
 
 
@@ -139,7 +139,7 @@ def hf_config(cfg: ModelConfig, arch: HfArch | None = None, **extra: Any) -> dic
         "rope_theta": cfg.rope_theta,  # read by transformers 4.x
         "rope_parameters": rope,
         "initializer_range": cfg.init_std,
-        "tie_word_embeddings": False,
+        "tie_word_embeddings": cfg.tie_embeddings,
         "attention_bias": False,
     }
     if arch == "llama":
@@ -170,6 +170,7 @@ def model_config_from_hf(config: Mapping[str, Any], where: str = "config.json") 
         if condition:
             raise CheckpointError(f"{where}: {what} is not supported")
 
+    _check_sizes(config, where)
     d_model, heads = config["hidden_size"], config["num_attention_heads"]
     refuse_if(config.get("hidden_act", "silu") != "silu", f"hidden_act={config.get('hidden_act')!r}")
     refuse_if(bool(config.get("attention_bias")), "attention_bias=true")
@@ -197,9 +198,40 @@ def model_config_from_hf(config: Mapping[str, Any], where: str = "config.json") 
         qk_norm=arch != "llama",
         init_std=config.get("initializer_range", 0.02),
         block="pre_norm" if arch == "llama" else "reordered_norm",
+        tie_embeddings=bool(config.get("tie_word_embeddings", False)),
         **_window_fields(windows),
     )
     return cfg, arch
+
+
+_REQUIRED_SIZES = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "vocab_size",
+)
+
+
+def _check_sizes(config: Mapping[str, Any], where: str) -> None:
+    """Every size field present and a positive integer; every constant a finite positive number."""
+
+    def positive_int(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+    missing = [name for name in _REQUIRED_SIZES if name not in config]
+    if missing:
+        raise CheckpointError(f"{where}: missing {', '.join(missing)} (required to build the model)")
+    optional = [n for n in ("num_key_value_heads", "head_dim") if config.get(n) is not None]
+    for name in (*_REQUIRED_SIZES, *optional):
+        if not positive_int(config[name]):
+            raise CheckpointError(f"{where}: {name}={config[name]!r} must be a positive integer")
+    for name in ("rms_norm_eps", "rope_theta", "initializer_range"):
+        value = config.get(name)
+        if value is not None and (
+            not isinstance(value, int | float) or isinstance(value, bool) or not 0 < value < float("inf")
+        ):
+            raise CheckpointError(f"{where}: {name}={value!r} must be a finite positive number")
 
 
 def _rope_theta(config: Mapping[str, Any], where: str) -> float:

@@ -41,12 +41,26 @@ class SourceConfig:
         where = f"data.sources[{self.name!r}]"
         if not self.paths:
             raise ConfigError(f"{where}.paths is empty")
-        if not self.ratio >= 0 or any(r < 0 for _, r in self.ratio_schedule):
-            raise ConfigError(f"{where}: ratios must be >= 0")
-        fractions = [f for f, _ in self.ratio_schedule]
+        if isinstance(self.paths, str) or not all(isinstance(p, str) for p in self.paths):
+            raise ConfigError(f"{where}.paths={self.paths!r} must be a list of file names or patterns")
+        points = self.ratio_schedule
+        if not all(
+            isinstance(p, tuple | list) and len(p) == 2 and all(_is_number(v) for v in p) for p in points
+        ):
+            raise ConfigError(
+                f"{where}.ratio_schedule={_show(points)} must be a list of [fraction, ratio] pairs, "
+                "e.g. [[0.0, 0.2], [1.0, 0.5]]"
+            )
+        if (
+            not _is_number(self.ratio)
+            or not 0 <= self.ratio < math.inf
+            or any(not 0 <= r < math.inf for _, r in points)
+        ):
+            raise ConfigError(f"{where}: ratios must be finite and >= 0")
+        fractions = [f for f, _ in points]
         if fractions != sorted(fractions) or any(not 0 <= f <= 1 for f in fractions):
             raise ConfigError(f"{where}.ratio_schedule fractions must rise within [0, 1], got {fractions}")
-        if not self.max_repetition > 0:
+        if not _is_number(self.max_repetition) or not self.max_repetition > 0:
             raise ConfigError(f"{where}.max_repetition={self.max_repetition} must be > 0")
 
     def ratio_at(self, progress: np.ndarray) -> np.ndarray:
@@ -55,6 +69,14 @@ class SourceConfig:
             return np.full_like(progress, self.ratio, dtype=np.float64)
         fractions, ratios = zip(*self.ratio_schedule, strict=True)
         return np.interp(progress, fractions, ratios)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and not math.isnan(value)
+
+
+def _show(value: object) -> str:
+    return repr(value).replace("(", "[").replace(")", "]").replace(",]", "]")
 
 
 def largest_remainder(shares: np.ndarray, total: int) -> np.ndarray:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import math
 from typing import Literal
 
 import torch
@@ -39,15 +40,15 @@ class AdamWConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        if not self.lr >= 0:
-            problems.append(f"optim.lr={self.lr!r} must be >= 0")
+        if not 0 <= self.lr < math.inf:
+            problems.append(f"optim.lr={self.lr!r} must be finite and >= 0")
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 problems.append(f"optim.{name}={getattr(self, name)!r} must be in [0, 1)")
-        if not self.eps > 0:
-            problems.append(f"optim.eps={self.eps!r} must be > 0")
-        if not self.weight_decay >= 0:
-            problems.append(f"optim.weight_decay={self.weight_decay!r} must be >= 0")
+        if not 0 < self.eps < math.inf:
+            problems.append(f"optim.eps={self.eps!r} must be finite and > 0")
+        if not 0 <= self.weight_decay < math.inf:
+            problems.append(f"optim.weight_decay={self.weight_decay!r} must be finite and >= 0")
         if problems:
             raise ConfigError("invalid optimizer config: " + "; ".join(problems))
 

@@ -50,7 +50,10 @@ def make_train_step(settings: StepSettings) -> StepFn:
     whole batch, so the update equals the one computed from the whole batch at once.
 
     The returned step consumes its input state: parameter and optimizer buffers are updated in place
-    and belong to the returned state. Metrics are 0-dim tensors (no host sync) plus ``lr``.
+    and belong to the returned state. Metrics are 0-dim tensors (no host sync) plus ``lr``: ``loss``
+    (mean cross-entropy per target), ``z_loss`` (the weighted z-loss term added to it in the
+    objective), ``logsumexp_sq`` (the unweighted mean of logsumexp(logits)², what z_loss weighs),
+    ``grad_norm`` (before clipping) and ``n_targets``.
     """
     cfg = settings.model
     block_fn = compile_block(block_for(cfg)) if settings.compile else block_for(cfg)
@@ -106,7 +109,9 @@ def make_train_step(settings: StepSettings) -> StepFn:
         )
         metrics = {
             "loss": torch.stack(ce_sums).sum() / n_targets,
-            "z_loss": torch.stack(z_sums).sum() / n_targets,
+            # The z-loss as it enters the objective (weight included), and its unweighted mean.
+            "z_loss": settings.z_loss * torch.stack(z_sums).sum() / n_targets,
+            "logsumexp_sq": torch.stack(z_sums).sum() / n_targets,
             "grad_norm": grad_norm,
             "lr": lr,
             "n_targets": n_targets,
