@@ -15,11 +15,10 @@ from olmo_fn.graph.model import loss_sums
 from olmo_fn.io.batch import Batch
 from olmo_fn.io.byte_tokenizer import BYTE_EOS
 from olmo_fn.io.instances import ChunkedTokens, make_batch
-from olmo_fn.io.loader import DataConfig
+from olmo_fn.io.loader import DataConfig, token_file_dtype
 from olmo_fn.io.paths import expand_paths
 from olmo_fn.io.stdlib_corpus import stdlib_token_file
 from olmo_fn.io.text_tokenizer import open_tokenizer_json
-from olmo_fn.io.token_file import TOKEN_DTYPES, token_dtype
 from olmo_fn.parallelize.mixed_precision import compute_params
 from olmo_fn.state.train_step import StepSettings
 
@@ -62,8 +61,7 @@ def open_eval_data(cfg: EvalConfig, data: DataConfig, vocab_size: int) -> EvalDa
         return None
     paths = expand_paths(cfg.paths, "eval.paths") if cfg.paths else [stdlib_token_file("validation")]
     eos = BYTE_EOS if embedded else data.eos_token_id
-    dtype = np.dtype(token_dtype(vocab_size) if data.dtype == "auto" else TOKEN_DTYPES[data.dtype])
-    chunks = ChunkedTokens.open(paths, dtype, data.seq_len)
+    chunks = ChunkedTokens.open(paths, token_file_dtype(data, vocab_size), data.seq_len)
     indices = np.arange(min(cfg.max_instances, len(chunks)))
     batches = tuple(
         make_batch(chunks.tokens(part, vocab_size), eos)

@@ -90,3 +90,24 @@ def load_sharded(rank: int, world: int, store: Path, directory: Path, errors: Pa
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def load_damaged(rank: int, world: int, store: Path, directory: Path, errors: Path) -> None:
+    """Each rank hashes a share of the files; every rank must raise the error naming the damaged one."""
+    from olmo_fn.errors import CheckpointError
+
+    try:
+        mesh = _init(rank, world, store)
+        template = shard(empty_train_state(CFG, device="cpu"), mesh)
+        try:
+            load_checkpoint(directory, template)
+        except CheckpointError as exc:
+            assert "__1_0.distcp: checksum mismatch" in str(exc), str(exc)
+        else:
+            raise AssertionError("a damaged checkpoint loaded")
+        _finish_together()
+    except BaseException:
+        (errors / f"rank{rank}").write_text(traceback.format_exc())
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

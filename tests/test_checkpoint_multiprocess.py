@@ -46,3 +46,17 @@ def test_saved_by_one_process_loads_into_two(tmp_path):
     directory = tmp_path / "step17"
     save_checkpoint(directory, w.full_state())
     spawn(w.load_sharded, tmp_path, directory)
+
+
+def test_ranks_verify_a_share_each_and_all_name_the_damage(tmp_path):
+    """Rank 0 hashes .metadata and __1_0.distcp, rank 1 hashes __0_0.distcp; the damage rank 0 finds
+    is raised on both."""
+    directory = tmp_path / "checkpoints" / "step17"
+    spawn(w.save_sharded, tmp_path, directory)
+    shard = directory / "__1_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    (tmp_path / "errors").rmdir()
+    (tmp_path / "store").unlink(missing_ok=True)
+    spawn(w.load_damaged, tmp_path, directory)

@@ -244,3 +244,13 @@ def test_consecutive_batches_equal_one_big_batch(small_data):
     data = opened(0)
     parts = [data.batch(c, 5).input_ids for c in range(0, 40, 5)]
     assert torch.equal(torch.cat(parts), data.batch(0, 40).input_ids)
+
+
+def test_embedded_corpus_opens_under_a_large_vocabulary():
+    """The byte corpus is uint16 whatever the model's vocabulary (every OLMo 2 preset has 100,352)."""
+    data = open_training_data(DataConfig(seq_len=64), 100_352, total_instances=8)
+    batch = data.batch(0, 4)
+    assert batch.input_ids.shape == (4, 64) and int(batch.input_ids.max()) <= 256
+    from olmo_fn.evaluate import EvalConfig, open_eval_data
+
+    assert open_eval_data(EvalConfig(max_instances=4), DataConfig(seq_len=64), 100_352) is not None

@@ -27,3 +27,15 @@ def test_notebook_example_runs():
     namespace: dict = {}
     exec(example, namespace)
     assert tuple(namespace["out"].shape) == (2, 64, namespace["cfg"].vocab_size)
+
+
+def test_every_test_the_readme_names_exists():
+    """A promise in the README names the test that proves it; that test must exist."""
+    readme = (ROOT / "README.md").read_text()
+    named = re.findall(r"`(tests/[\w/]+\.py)::(\w+)`", readme)
+    assert len(named) >= 10
+    for path, name in named:
+        source = (ROOT / path).read_text()
+        assert re.search(rf"^def {name}\(", source, re.M), (
+            f"README names {path}::{name}, which does not exist"
+        )

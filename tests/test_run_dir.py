@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 import shutil
 import subprocess
 import sys
@@ -391,6 +392,7 @@ def test_finished_train_prints_where_it_stands_and_what_next(tmp_path, capsys):
     last = read_metrics(run_dir / "metrics.jsonl")[-1]
     assert f"step 4: loss {last['loss']:.4f}, eval/val loss {last['eval/val/loss']:.4f}" in err
     assert f"({last['eval/val/bpb']:.3f} bits/byte)" in err and "this command took" in err
+    assert re.search(r"on cpu \(\d+ threads?: [^)]+\)", err)  # the run summary says how many and why
     for command in ("generate --checkpoint", "convert to-hf", "checkpoint info"):
         assert f"python -m olmo_fn.run {command} {run_dir}" in err
 

@@ -133,6 +133,14 @@ def _interleave(parts: list[tuple[np.ndarray, Batch]], n: int) -> Batch:
     return Batch(*fields)
 
 
+def token_file_dtype(cfg: DataConfig, vocab_size: int) -> np.dtype:
+    """The dtype of the token files `cfg` names: data.dtype, or by the vocabulary size; the embedded
+    corpus is always uint16 (bytes), whatever the model's vocabulary."""
+    if not (cfg.paths or cfg.sources):
+        return TOKEN_DTYPES["uint16"]
+    return np.dtype(token_dtype(vocab_size) if cfg.dtype == "auto" else TOKEN_DTYPES[cfg.dtype])
+
+
 def open_training_data(
     cfg: DataConfig, vocab_size: int, *, seed: int = 0, total_instances: int = 0
 ) -> TrainingData:
@@ -151,7 +159,7 @@ def open_training_data(
     else:
         paths = cfg.paths or (str(stdlib_token_file()),)
         sources = (SourceConfig("train", paths, max_repetition=math.inf),)
-    dtype = np.dtype(token_dtype(vocab_size) if cfg.dtype == "auto" else TOKEN_DTYPES[cfg.dtype])
+    dtype = token_file_dtype(cfg, vocab_size)
     opened = []
     for source in sources:
         where = "data.paths" if not cfg.sources else f"data.sources[{source.name!r}].paths"

@@ -246,17 +246,38 @@ _MANIFEST_FIELDS = {
 }
 
 
-def verify_checkpoint(directory: str | os.PathLike, manifest: dict[str, Any] | None = None) -> int:
+def verify_checkpoint(
+    directory: str | os.PathLike,
+    manifest: dict[str, Any] | None = None,
+    *,
+    group: dist.ProcessGroup | None = None,
+) -> int:
     """Check the checkpoint's files against the sizes and SHA-256 digests in its manifest, and that its
-    DCP metadata is safe to read; returns the bytes verified (0 for a format-1 checkpoint, which has no
-    checksums). Raises CheckpointError naming the first file that is wrong."""
+    DCP metadata is safe to read; returns the bytes hashed here (0 for a format-1 checkpoint, which has
+    no checksums). Raises CheckpointError naming the first file that is wrong.
+
+    Collective when a process group exists: the ranks hash a share of the files each and every rank
+    raises the same error."""
     directory = Path(directory)
     manifest = read_manifest(directory) if manifest is None else manifest
     metadata = read_safe_metadata(directory)
     if manifest["format_version"] < 2:
         return 0
     required = storage_files(metadata) | {".metadata"}
-    return verify_files(directory, manifest["files"], required=required, where=str(directory / MANIFEST))
+    where = str(directory / MANIFEST)
+    if not is_distributed():
+        return verify_files(directory, manifest["files"], required=required, where=where)
+    share = (rank(group), dist.get_world_size(group))
+    problem, hashed = "", 0
+    try:
+        hashed = verify_files(directory, manifest["files"], required=required, where=where, share=share)
+    except CheckpointError as exc:
+        problem = str(exc)
+    problems: list[str] = [""] * share[1]
+    dist.all_gather_object(problems, problem, group=group)
+    if any(problems):
+        raise CheckpointError(next(p for p in problems if p))
+    return hashed
 
 
 def load_checkpoint(
@@ -269,7 +290,7 @@ def load_checkpoint(
     """
     directory = Path(directory)
     manifest = read_manifest(directory)
-    verify_checkpoint(directory, manifest)
+    verify_checkpoint(directory, manifest, group=group)
     _load_tensors(directory, _tensors(template), group=group)
     return dataclasses.replace(
         template,
