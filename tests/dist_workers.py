@@ -57,57 +57,57 @@ def _finish_together() -> None:
     dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
 
 
-def save_sharded(rank: int, world: int, store: Path, directory: Path, errors: Path) -> None:
-    try:
-        mesh = _init(rank, world, store)
-        save_checkpoint(directory, shard(full_state(), mesh))
-        _finish_together()
-    except BaseException:
-        (errors / f"rank{rank}").write_text(traceback.format_exc())
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+def _as_rank(body):
+    """A spawnable worker: join the gloo group, run ``body(rank, world, mesh, directory)``, meet the
+    others at the end; any failure is written to ``errors/rank{N}`` for the test to report."""
+
+    def worker(rank: int, world: int, store: Path, directory: Path, errors: Path) -> None:
+        try:
+            mesh = _init(rank, world, store)
+            body(rank, world, mesh, directory)
+            _finish_together()
+        except BaseException:
+            (errors / f"rank{rank}").write_text(traceback.format_exc())
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+    worker.__name__ = worker.__qualname__ = body.__name__.lstrip("_")  # spawn pickles it by name
+    return worker
 
 
-def load_sharded(rank: int, world: int, store: Path, directory: Path, errors: Path) -> None:
+def _save_sharded(rank, world, mesh, directory):
+    save_checkpoint(directory, shard(full_state(), mesh))
+
+
+def _load_sharded(rank, world, mesh, directory):
     """Load into sharded templates and check each local shard against the full tensors."""
-    try:
-        mesh = _init(rank, world, store)
-        template = shard(empty_train_state(CFG, device="cpu"), mesh)
-        loaded = load_checkpoint(directory, template)
-        expected = full_state()
-        assert (loaded.step, loaded.data_cursor, loaded.tokens_seen) == (17, 68, 4352)
-        got = flatten(loaded.params) | {f"opt.{k}": v for k, v in flatten(loaded.opt_state).items()}
-        want = flatten(expected.params) | {f"opt.{k}": v for k, v in flatten(expected.opt_state).items()}
-        for key, value in got.items():
-            local = value.to_local()
-            rows = torch.tensor_split(want[key].detach(), world, dim=0)[rank]
-            assert torch.equal(local, rows), key
-            assert torch.equal(value.full_tensor(), want[key].detach()), key
-        _finish_together()
-    except BaseException:
-        (errors / f"rank{rank}").write_text(traceback.format_exc())
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    template = shard(empty_train_state(CFG, device="cpu"), mesh)
+    loaded = load_checkpoint(directory, template)
+    expected = full_state()
+    assert (loaded.step, loaded.data_cursor, loaded.tokens_seen) == (17, 68, 4352)
+    got = flatten(loaded.params) | {f"opt.{k}": v for k, v in flatten(loaded.opt_state).items()}
+    want = flatten(expected.params) | {f"opt.{k}": v for k, v in flatten(expected.opt_state).items()}
+    for key, value in got.items():
+        local = value.to_local()
+        rows = torch.tensor_split(want[key].detach(), world, dim=0)[rank]
+        assert torch.equal(local, rows), key
+        assert torch.equal(value.full_tensor(), want[key].detach()), key
 
 
-def load_damaged(rank: int, world: int, store: Path, directory: Path, errors: Path) -> None:
+def _load_damaged(rank, world, mesh, directory):
     """Each rank hashes a share of the files; every rank must raise the error naming the damaged one."""
     from olmo_fn.errors import CheckpointError
 
+    template = shard(empty_train_state(CFG, device="cpu"), mesh)
     try:
-        mesh = _init(rank, world, store)
-        template = shard(empty_train_state(CFG, device="cpu"), mesh)
-        try:
-            load_checkpoint(directory, template)
-        except CheckpointError as exc:
-            assert "__1_0.distcp: checksum mismatch" in str(exc), str(exc)
-        else:
-            raise AssertionError("a damaged checkpoint loaded")
-        _finish_together()
-    except BaseException:
-        (errors / f"rank{rank}").write_text(traceback.format_exc())
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        load_checkpoint(directory, template)
+    except CheckpointError as exc:
+        assert "__1_0.distcp: checksum mismatch" in str(exc), str(exc)
+    else:
+        raise AssertionError("a damaged checkpoint loaded")
+
+
+save_sharded = _as_rank(_save_sharded)
+load_sharded = _as_rank(_load_sharded)
+load_damaged = _as_rank(_load_damaged)
