@@ -25,3 +25,14 @@ def isolated_cache(tmp_path_factory):
 def gen():
     """A fixed-seed CPU generator, so every random input in a test is reproducible."""
     return torch.Generator().manual_seed(1234)
+
+
+# Hypothesis profiles: `ci` (the default: a few examples per property, as CI runs them) and `nightly`
+# (HYPOTHESIS_PROFILE=nightly: many). Properties that set max_examples themselves keep their count.
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile("ci", max_examples=20, deadline=None)
+settings.register_profile(
+    "nightly", max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

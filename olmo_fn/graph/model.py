@@ -55,20 +55,37 @@ def hidden_states(
     block_fn: defaults to the block ``cfg.block`` names (pass a compiled one to compile).
     Returns (batch, seq, d_model) in the parameters' dtype, before the final norm.
     """
-    if positions is None:
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
     block_fn = block_fn or block_for(cfg)
-    rope = rope_tables(positions, cfg.d_head, cfg.rope_theta)
     blocks = params["blocks"]
     layers = sorted(blocks.keys(), key=int)
-    windows = {int(key): cfg.layer_window(int(key)) for key in layers}
-    # Sliding windows need a mask even without document ids: then each row is one document.
-    window_ids = doc_ids if doc_ids is not None or not any(windows.values()) else torch.zeros_like(input_ids)
-    masks = {w: attention_mask(window_ids if w else doc_ids, backend, w) for w in set(windows.values())}
+    rope, masks = layer_inputs(input_ids, cfg, [int(key) for key in layers], positions, doc_ids, backend)
     x = F.embedding(input_ids, params["embeddings"])
     for key in layers:
-        x = block_fn(blocks[key], x, rope, masks[windows[int(key)]], cfg)
+        x = block_fn(blocks[key], x, rope, masks[int(key)], cfg)
     return x
+
+
+def layer_inputs(
+    input_ids: torch.Tensor,
+    cfg: ModelConfig,
+    layers: list[int],
+    positions: torch.Tensor | None = None,
+    doc_ids: torch.Tensor | None = None,
+    backend: AttentionBackend = "auto",
+) -> tuple[tuple[torch.Tensor, torch.Tensor], dict[int, Any]]:
+    """What every block takes besides its parameters and x: the RoPE tables, and each layer's mask.
+
+    Arguments as for `hidden_states`; returns ``((cos, sin), {layer: mask})``, one mask object per
+    distinct window shared by the layers that use it.
+    """
+    if positions is None:
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+    rope = rope_tables(positions, cfg.d_head, cfg.rope_theta)
+    windows = {layer: cfg.layer_window(layer) for layer in layers}
+    # Sliding windows need a mask even without document ids: then each row is one document.
+    window_ids = doc_ids if doc_ids is not None or not any(windows.values()) else torch.zeros_like(input_ids)
+    by_window = {w: attention_mask(window_ids if w else doc_ids, backend, w) for w in set(windows.values())}
+    return rope, {layer: by_window[w] for layer, w in windows.items()}
 
 
 def lm_head(p: Mapping[str, torch.Tensor], h: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:

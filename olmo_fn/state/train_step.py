@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import torch
+from tensordict import TensorDict
 
 from olmo_fn.graph.block import block_for
 from olmo_fn.graph.config import ModelConfig
@@ -14,6 +16,15 @@ from olmo_fn.graph.param_tree import flatten
 from olmo_fn.io.batch import Batch
 from olmo_fn.parallelize.compile import compile_block
 from olmo_fn.parallelize.mixed_precision import compute_params
+from olmo_fn.parallelize.placed_step import (
+    Sharding,
+    dp_sum,
+    gathering_block,
+    global_grad_norm,
+    local_tree,
+    model_view,
+)
+from olmo_fn.parallelize.tensor_parallel import tp_block_fn, tp_loss_sums
 from olmo_fn.state.adamw import AdamWConfig, adamw_update
 from olmo_fn.state.clip import clip_by_global_norm
 from olmo_fn.state.schedule import ScheduleConfig, lr_at
@@ -42,28 +53,50 @@ class StepSettings:
     """Run the transformer block as one torch.compile'd graph shared by all layers."""
 
 
-def make_train_step(settings: StepSettings) -> StepFn:
-    """A `train_step(state, batch)` closed over fixed settings.
+@dataclasses.dataclass(frozen=True)
+class Gradients:
+    """The gradients of one batch's objective, and the sums its metrics come from (over all ranks)."""
+
+    grads: dict[str, torch.Tensor]
+    """Dotted path -> gradient, placed like its parameter (DTensors under a sharding)."""
+    ce_sum: torch.Tensor
+    z_sum: torch.Tensor
+    n_targets: torch.Tensor
+
+
+GradientFn = Callable[[TensorDict, Batch], Gradients]
+
+
+def make_gradient_fn(settings: StepSettings, sharding: Sharding | None = None) -> GradientFn:
+    """``gradients(params, batch)``: the gradient of the batch's objective, ``(ce_sum + z_loss *
+    z_sum) / n_targets`` over the whole (global) batch.
 
     The batch is split into micro-batches of ``settings.micro_batch_size`` rows; their gradients
-    accumulate, and the loss of every micro-batch is divided by the number of target tokens in the
-    whole batch, so the update equals the one computed from the whole batch at once.
-
-    The returned step consumes its input state: parameter and optimizer buffers are updated in place
-    and belong to the returned state. Metrics are 0-dim tensors (no host sync) plus ``lr``: ``loss``
-    (mean cross-entropy per target), ``z_loss`` (the weighted z-loss term added to it in the
-    objective), ``logsumexp_sq`` (the unweighted mean of logsumexp(logits)², what z_loss weighs),
-    ``grad_norm`` (before clipping) and ``n_targets``.
+    accumulate, and every micro-batch's loss is divided by the target count of the whole batch, so
+    the result equals the gradient of the whole batch at once. With a `sharding`, `params` are placed
+    DTensors, `batch` is this rank's share of the global batch, and the call is collective.
     """
     cfg = settings.model
-    block_fn = compile_block(block_for(cfg)) if settings.compile else block_for(cfg)
+    tp = sharding.tp if sharding is not None and sharding.layout.shape.tp > 1 else None
+    if tp is not None:
+        block_fn = tp_block_fn(cfg, tp)
+    else:
+        block_fn = compile_block(block_for(cfg)) if settings.compile else block_for(cfg)
+    if sharding is not None:
+        block_fn = gathering_block(block_fn, sharding)
+    model_loss_sums = loss_sums if tp is None else functools.partial(tp_loss_sums, tp=tp)
 
     def objective(params, mb: Batch, n_targets: torch.Tensor):
         kwargs = {}
         if settings.document_masking:
             kwargs = {"positions": mb.positions, "doc_ids": mb.doc_ids}
-        ce_sum, z_sum, _ = loss_sums(
-            compute_params(params, settings.compute_dtype),
+        view = (
+            compute_params(params, settings.compute_dtype)
+            if sharding is None
+            else model_view(params, sharding)
+        )
+        ce_sum, z_sum, _ = model_loss_sums(
+            view,
             mb.input_ids,
             mb.labels,
             cfg,
@@ -73,45 +106,79 @@ def make_train_step(settings: StepSettings) -> StepFn:
         )
         return (ce_sum + settings.z_loss * z_sum) / n_targets, ce_sum.detach(), z_sum.detach()
 
-    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
-        paths, leaves = zip(*flatten(state.params).items(), strict=True)
-        n_targets = (batch.labels != -100).sum().clamp(min=1)
+    def gradients(params: TensorDict, batch: Batch) -> Gradients:
+        paths, leaves = zip(*flatten(params).items(), strict=True)
+        n_targets = dp_sum((batch.labels != -100).sum(), sharding).clamp(min=1)
         grads: list[torch.Tensor] | None = None
         ce_sums, z_sums = [], []
         for mb in batch.split(settings.micro_batch_size):
-            loss, ce_sum, z_sum = objective(state.params, mb, n_targets)
+            loss, ce_sum, z_sum = objective(params, mb, n_targets)
             mb_grads = torch.autograd.grad(loss, leaves)
-            if grads is None:
-                grads = list(mb_grads)
-            else:
-                torch._foreach_add_(grads, mb_grads)
+            grads = list(mb_grads) if grads is None else [a + b for a, b in zip(grads, mb_grads, strict=True)]
             ce_sums.append(ce_sum)
             z_sums.append(z_sum)
-        grad_norm = clip_by_global_norm(grads, settings.max_grad_norm)
+        return Gradients(
+            dict(zip(paths, grads, strict=True)),
+            dp_sum(torch.stack(ce_sums).sum(), sharding),
+            dp_sum(torch.stack(z_sums).sum(), sharding),
+            n_targets,
+        )
+
+    return gradients
+
+
+def make_train_step(settings: StepSettings, sharding: Sharding | None = None) -> StepFn:
+    """A `train_step(state, batch)` closed over fixed settings: `make_gradient_fn`'s gradients,
+    clipped by their global norm, applied by AdamW at the scheduled learning rate.
+
+    With a `sharding`, the state's parameters and moments are DTensors placed by its plan, `batch` is
+    this rank's share of the global batch, and the step is collective (every rank calls it); the
+    update runs on each rank's local shards.
+
+    The returned step consumes its input state: parameter and optimizer buffers are updated in place
+    and belong to the returned state. Metrics are 0-dim tensors (no host sync) plus ``lr``: ``loss``
+    (mean cross-entropy per target), ``z_loss`` (the weighted z-loss term added to it in the
+    objective), ``logsumexp_sq`` (the unweighted mean of logsumexp(logits)², what z_loss weighs),
+    ``grad_norm`` (before clipping) and ``n_targets``.
+    """
+    gradient_fn = make_gradient_fn(settings, sharding)
+
+    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+        result = gradient_fn(state.params, batch)
+        paths, grads = list(result.grads), list(result.grads.values())
+        if sharding is None:
+            grad_norm = clip_by_global_norm(grads, settings.max_grad_norm)
+        else:  # the norm spans every rank's shards; the scaling is elementwise on the local ones
+            norm = global_grad_norm(grads, sharding)
+            grads = [g.to_local() for g in grads]
+            grad_norm = clip_by_global_norm(grads, settings.max_grad_norm, norm=norm)
         lr = lr_at(
             state.step, peak=settings.optim.lr, cfg=settings.schedule, total_steps=settings.total_steps
         )
-        params, opt_state = adamw_update(
-            state.params,
+        with torch.no_grad():  # sharded: the update runs on each rank's local shards, in place
+            params = local_tree(state.params) if sharding else state.params
+            opt_state = local_tree(state.opt_state) if sharding else state.opt_state
+        adamw_update(
+            params,
             dict(zip(paths, grads, strict=True)),
-            state.opt_state,
+            opt_state,
             step=state.step + 1,
             lr=lr,
             cfg=settings.optim,
         )
+        dp = sharding.layout.shape.dp if sharding else 1  # `batch` is this rank's 1/dp of the global batch
         new_state = dataclasses.replace(
             state,
             step=state.step + 1,
-            params=params,
-            opt_state=opt_state,
-            data_cursor=state.data_cursor + batch.input_ids.shape[0],
-            tokens_seen=state.tokens_seen + batch.n_tokens,
+            data_cursor=state.data_cursor + batch.input_ids.shape[0] * dp,
+            tokens_seen=state.tokens_seen + batch.n_tokens * dp,
         )
+        n_targets = result.n_targets
         metrics = {
-            "loss": torch.stack(ce_sums).sum() / n_targets,
+            "loss": result.ce_sum / n_targets,
             # The z-loss as it enters the objective (weight included), and its unweighted mean.
-            "z_loss": settings.z_loss * torch.stack(z_sums).sum() / n_targets,
-            "logsumexp_sq": torch.stack(z_sums).sum() / n_targets,
+            "z_loss": settings.z_loss * result.z_sum / n_targets,
+            "logsumexp_sq": result.z_sum / n_targets,
             "grad_norm": grad_norm,
             "lr": lr,
             "n_targets": n_targets,

@@ -1,0 +1,116 @@
+"""What a train step does differently when its parameters are placed on a mesh.
+
+`make_train_step` (olmo_fn.state.train_step) is written once; a `Sharding` supplies the few places
+where placement matters:
+
+- the model's view of the parameters: each block's stored shards are gathered to their compute
+  layout just before the block runs (so about one block's full weights are live at a time, and the
+  next block's gather can be in flight meanwhile), the embedding and LM head around the blocks;
+- sums over the data-parallel ranks (target counts, loss sums for the metrics);
+- the global gradient norm, over every shard once;
+- the optimizer, which updates each rank's local shards in place (moments are sharded like their
+  parameters, so the update is elementwise and needs no communication).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from tensordict import TensorDict
+from torch.distributed.tensor import DTensor, Shard
+
+from olmo_fn.graph.model import BlockFn
+from olmo_fn.parallelize.compute_layout import tree_to_compute
+from olmo_fn.parallelize.mesh import Layout
+from olmo_fn.parallelize.parallel_config import AXES
+from olmo_fn.parallelize.plan import Plan, Rule
+from olmo_fn.parallelize.tensor_parallel import TpGroup
+
+
+@dataclasses.dataclass(frozen=True)
+class Sharding:
+    """A plan applied on a mesh, with every parameter path's rule looked up once."""
+
+    plan: Plan
+    layout: Layout
+    rules: Mapping[str, Rule]
+
+    @classmethod
+    def of(cls, plan: Plan, layout: Layout, paths: list[str]) -> Sharding:
+        return cls(plan, layout, plan.rules_by_path(paths))
+
+    @functools.cached_property
+    def tp(self) -> TpGroup:
+        return TpGroup(self.layout.tp_group, self.layout.tp_rank, self.layout.shape.tp)
+
+
+@dataclasses.dataclass(frozen=True)
+class _StoredBlock:
+    """One ``blocks.{i}`` subtree as stored; the block function gathers it when it runs."""
+
+    tree: Mapping[str, Any]
+    prefix: str
+
+
+def model_view(params: TensorDict, sharding: Sharding) -> dict[str, Any]:
+    """What the model functions read: everything outside ``blocks`` in compute layout, and each block
+    left stored until `gathering_block` runs it."""
+    keys = list(params.keys())  # a TensorDict iterates only through keys()
+    view = tree_to_compute({k: params[k] for k in keys if k != "blocks"}, "", sharding.plan, sharding.rules)
+    blocks = params["blocks"]
+    view["blocks"] = {key: _StoredBlock(blocks[key], f"blocks.{key}.") for key in list(blocks.keys())}
+    return view
+
+
+def gathering_block(block_fn: BlockFn, sharding: Sharding) -> BlockFn:
+    """`block_fn` run on a `_StoredBlock`, gathered to its compute layout first."""
+
+    def run(stored: _StoredBlock, x, rope, mask, cfg):
+        return block_fn(
+            tree_to_compute(stored.tree, stored.prefix, sharding.plan, sharding.rules), x, rope, mask, cfg
+        )
+
+    return run
+
+
+def dp_sum(value: torch.Tensor, sharding: Sharding | None) -> torch.Tensor:
+    """`value` summed over the data-parallel ranks (a statistic of the data, not differentiated)."""
+    if sharding is None or sharding.layout.shape.dp == 1:
+        return value
+    value = value.detach().clone()
+    dist.all_reduce(value, group=sharding.layout.dp_group)
+    return value
+
+
+@torch.no_grad()
+def global_grad_norm(grads: list[DTensor], sharding: Sharding) -> torch.Tensor:
+    """The L2 norm of all gradients together, each element counted once across the mesh.
+
+    Each rank sums the squares of its local shards, grouped by the mesh axes a gradient is sharded
+    over; each group's sum is all-reduced over exactly those axes (replicated axes hold copies).
+    """
+    mesh = sharding.layout.mesh
+    by_axes: dict[tuple[str, ...], torch.Tensor] = {}
+    for grad in grads:
+        local = grad.to_local()
+        wide = local.to(torch.promote_types(local.dtype, torch.float32))
+        axes = tuple(a for a, p in zip(AXES, grad.placements, strict=True) if isinstance(p, Shard))
+        by_axes[axes] = by_axes.get(axes, 0) + wide.pow(2).sum()
+    total = None
+    for axes, squares in sorted(by_axes.items()):
+        for axis in axes:
+            if mesh.size(AXES.index(axis)) > 1:
+                dist.all_reduce(squares, group=mesh.get_group(axis))
+        total = squares if total is None else total + squares
+    return total.sqrt()
+
+
+def local_tree(tree: TensorDict) -> TensorDict:
+    """The same tree with every DTensor leaf replaced by its local shard (a view: in-place updates of
+    the shard update the DTensor)."""
+    return tree.apply(lambda t: t.to_local() if isinstance(t, DTensor) else t)

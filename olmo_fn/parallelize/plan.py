@@ -1,0 +1,154 @@
+"""Placement plans: data that says where every parameter lives on the mesh, applied by one function.
+
+A plan is an ordered list of `Rule`s: a glob over dotted parameter paths, and a placement on each
+mesh axis (``dp_replicate``, ``dp_shard``, ``tp``). `apply_plan` turns a tree of full tensors into
+the same tree of DTensors; the first rule a path matches decides. A parameter no rule matches, or a
+rule that matches no parameter, is an error. The model functions never see a plan: the train step
+gathers each block's parameters into their *compute layout* just before the block runs
+(`compute_layout`), and the gradients come back to the stored layout.
+
+Compute layout: replicated over the data-parallel axes, and on ``tp`` as stored (the tensor-parallel
+shard a rank computes with). Gradient layout, before it is reduced to the stored layout: partial sums
+over the data-parallel axes (each rank saw other data); on ``tp`` the stored shard, or partial sums for
+a parameter replicated on ``tp`` (a norm weight, applied to this rank's slice of the sequence).
+
+For FSDP x TP the data-parallel shard of a tensor-parallel matrix is taken along the *other*
+dimension (rows for TP's columns), so gathering over ``dp_shard`` yields exactly the TP shard.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from collections.abc import Mapping
+
+import torch
+from tensordict import TensorDict
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import Partial, Placement, Replicate, Shard, distribute_tensor
+
+from olmo_fn.errors import ConfigError
+from olmo_fn.graph.config import ModelConfig
+from olmo_fn.graph.param_tree import flatten, param_shapes, unflatten
+from olmo_fn.parallelize.parallel_config import AXES, MeshShape
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """Parameters whose dotted path matches `pattern` are stored with these placements."""
+
+    pattern: str
+    dp_shard: Placement = Replicate()
+    tp: Placement = Replicate()
+    dp_replicate: Placement = Replicate()
+
+    @property
+    def placements(self) -> tuple[Placement, ...]:
+        """Stored placements, one per mesh axis in `AXES` order."""
+        return (self.dp_replicate, self.dp_shard, self.tp)
+
+    @property
+    def compute_placements(self) -> tuple[Placement, ...]:
+        return (Replicate(), Replicate(), self.tp)
+
+    @property
+    def grad_placements(self) -> tuple[Placement, ...]:
+        return (Partial(), Partial(), self.tp if isinstance(self.tp, Shard) else Partial())
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Rules plus the mixed-precision policy: parameters are gathered in `compute_dtype`, gradients
+    reduced in `reduce_dtype` (the fp32 masters and moments stay as stored)."""
+
+    rules: tuple[Rule, ...]
+    compute_dtype: torch.dtype = torch.float32
+    reduce_dtype: torch.dtype = torch.float32
+
+    def rule_for(self, path: str) -> Rule:
+        for rule in self.rules:
+            if fnmatch.fnmatchcase(path, rule.pattern):
+                return rule
+        raise ConfigError(f"plan: no rule places parameter {path!r}")
+
+    def rules_by_path(self, paths: list[str]) -> dict[str, Rule]:
+        """The rule of every path; an error for a path no rule matches or a rule that matches none."""
+        chosen = {path: self.rule_for(path) for path in paths}
+        unused = [r.pattern for r in self.rules if r not in chosen.values()]
+        if unused:
+            raise ConfigError(f"plan: rule(s) {', '.join(map(repr, unused))} match no parameter")
+        return chosen
+
+
+# Parameters split by tensor parallelism, by the matmul they feed.
+COLUMN_WISE = (
+    "*.attention.w_q",
+    "*.attention.w_k",
+    "*.attention.w_v",
+    "*.feed_forward.w1",
+    "*.feed_forward.w3",
+)
+"""Split by output rows: each tp rank computes some heads / hidden units."""
+ROW_WISE = ("*.attention.w_out", "*.feed_forward.w2")
+"""Split by input columns: each tp rank contributes a partial sum of the output."""
+HEAD_NORMS = ("*.attention.q_norm", "*.attention.k_norm")
+"""QK-norm weights, split like the heads they scale (the norm's statistics still span all heads)."""
+VOCAB = ("embeddings", "lm_head.w_out")
+"""Split by vocabulary rows (vocabulary-parallel embedding and loss)."""
+
+
+def default_plan(model: ModelConfig, shape: MeshShape, *, compute_dtype: torch.dtype = torch.float32) -> Plan:
+    """FSDP / HSDP over the data-parallel axes, and TP + sequence parallel over ``tp``; gradients are
+    reduced in at least fp32.
+
+    Every parameter is sharded over ``dp_shard`` (dim 0, or dim 1 where ``tp`` already splits dim 0)
+    and replicated over ``dp_replicate``. Rules are listed only for parameters `model` has.
+    """
+    tp = shape.tp > 1
+    rules = []
+    if tp:
+        rules += [Rule(p, dp_shard=Shard(1), tp=Shard(0)) for p in COLUMN_WISE]
+        rules += [Rule(p, dp_shard=Shard(0), tp=Shard(1)) for p in ROW_WISE]
+        if model.qk_norm:
+            rules += [Rule(p, dp_shard=Replicate(), tp=Shard(0)) for p in HEAD_NORMS]
+        rules += [Rule(p, dp_shard=Shard(1), tp=Shard(0)) for p in VOCAB if p in param_shapes(model)]
+    rules.append(Rule("*", dp_shard=Shard(0)))
+    reduce_dtype = torch.promote_types(compute_dtype, torch.float32)
+    return Plan(tuple(rules), compute_dtype=compute_dtype, reduce_dtype=reduce_dtype)
+
+
+def apply_plan(params: TensorDict | Mapping, plan: Plan, mesh: DeviceMesh) -> TensorDict:
+    """The same tree with every leaf a DTensor placed as its rule says (leaves keep requires_grad).
+
+    Every process must pass the same full values (olmo_fn's init is deterministic per path, and a
+    template's values do not matter); each keeps only its shard, without communication.
+    """
+    flat = flatten(params)
+    rules = plan.rules_by_path(list(flat))
+    placed = {}
+    for path, tensor in flat.items():
+        dtensor = distribute_tensor(tensor.detach(), mesh, rules[path].placements, src_data_rank=None)
+        placed[path] = dtensor.requires_grad_(tensor.requires_grad)
+    return unflatten(placed)
+
+
+def _show(placement: Placement) -> str:
+    if isinstance(placement, Shard):
+        return f"shard({placement.dim})"
+    return "partial" if isinstance(placement, Partial) else "replicate"
+
+
+def plan_table(plan: Plan, model: ModelConfig, shape: MeshShape) -> str:
+    """The plan as a text table: each rule, its placement per axis, and how many parameters it places."""
+    rules = plan.rules_by_path(list(param_shapes(model)))
+    counts = {rule: sum(1 for r in rules.values() if r == rule) for rule in plan.rules}
+    header = ("rule", *(f"{axis} ({size})" for axis, size in zip(AXES, shape.sizes, strict=True)), "params")
+    rows = [header] + [
+        (rule.pattern, *(_show(p) for p in rule.placements), str(counts[rule])) for rule in plan.rules
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    dtypes = f"compute {str(plan.compute_dtype).removeprefix('torch.')}, "
+    dtypes += f"gradient reduction {str(plan.reduce_dtype).removeprefix('torch.')}"
+    return "\n".join([*lines, dtypes])

@@ -1,0 +1,203 @@
+"""Examples for the placement-plan properties, and the job every rank of the pool runs on one.
+
+A `Case` is everything both sides need: a model, the settings, three global batches and a mesh shape.
+`reference` trains it in one process; `run_on_rank` trains it under the default plan for the shape,
+and returns (from rank 0) the first step's gradients, every step's loss and gradient norm, and the
+parameters after the last step, all gathered to full tensors. All in float64.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import numpy as np
+import torch
+from hypothesis import strategies as st
+
+from olmo_fn.graph import ModelConfig
+from olmo_fn.graph.param_tree import flatten
+from olmo_fn.io.batch import Batch
+from olmo_fn.io.instances import make_batch
+from olmo_fn.parallelize.mesh import Layout, build_mesh
+from olmo_fn.parallelize.parallel_config import MeshShape
+from olmo_fn.parallelize.placed_step import Sharding
+from olmo_fn.parallelize.plan import apply_plan, default_plan
+from olmo_fn.state.adamw import AdamWConfig, init_adamw_state
+from olmo_fn.state.schedule import ScheduleConfig
+from olmo_fn.state.train_state import TrainState
+from olmo_fn.state.train_step import StepSettings, make_gradient_fn, make_train_step
+
+import reference as ref
+
+STEPS = 3
+SHAPES = {
+    2: [MeshShape(1, 2, 1), MeshShape(2, 1, 1), MeshShape(1, 1, 2)],
+    4: [MeshShape(1, 4, 1), MeshShape(2, 2, 1), MeshShape(1, 2, 2), MeshShape(2, 1, 2), MeshShape(1, 1, 4)],
+}
+"""Every supported combination per world size: FSDP, HSDP (or plain data parallel), TP, FSDP x TP, HSDP x TP."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    model: ModelConfig
+    settings: StepSettings
+    tokens: tuple[np.ndarray, ...]
+    """One (global_batch, seq) int64 array per step."""
+    eos: int
+    shape: MeshShape
+    seed: int
+
+
+@st.composite
+def cases(draw, world: int) -> Case:
+    shape = draw(st.sampled_from(SHAPES[world]))
+    tp, dp = shape.tp, shape.dp
+    n_kv = draw(st.sampled_from([k for k in (1, 2, 4) if k % tp == 0]))
+    n_heads = n_kv * draw(st.sampled_from([1, 2]))
+    d_head = draw(st.sampled_from([2, 4]))
+    window_pattern = draw(st.sampled_from([(), (3,), (5, 0)]))
+    model = ModelConfig(
+        d_model=n_heads * d_head,
+        n_layers=draw(st.integers(1, 2)),
+        n_heads=n_heads,
+        n_kv_heads=n_kv,
+        mlp_hidden=tp * draw(st.integers(1, 6)),
+        vocab_size=tp * draw(st.integers(3, 12)),
+        qk_norm=draw(st.booleans()),
+        block=draw(st.sampled_from(["reordered_norm", "pre_norm"])),
+        window_pattern=window_pattern,
+        tie_embeddings=draw(st.booleans()),
+    )
+    rows = dp * draw(st.integers(1, 2))
+    seq = tp * draw(st.integers(2, 5))
+    micro = draw(st.sampled_from([r for r in (1, 2, rows) if (rows // dp) % r == 0 or r >= rows // dp]))
+    eos = 0
+    eos_rate = draw(st.sampled_from([0.0, 0.15, 0.5]))  # one document per row / some / many short ones
+    seed = draw(st.integers(0, 2**16))
+    gen = np.random.default_rng(seed)
+    tokens = tuple(
+        np.where(gen.random((rows, seq)) < eos_rate, eos, gen.integers(1, model.vocab_size, (rows, seq)))
+        for _ in range(STEPS)
+    )
+    settings = StepSettings(
+        model,
+        AdamWConfig(lr=draw(st.sampled_from([1e-3, 3e-2]))),
+        ScheduleConfig(warmup_steps=1),
+        total_steps=STEPS,
+        micro_batch_size=micro,
+        compute_dtype=torch.float64,
+        z_loss=draw(st.sampled_from([0.0, 1e-3])),
+        max_grad_norm=draw(st.sampled_from([None, 1.0, 1e-3])),  # 1e-3: clipping always acts
+        document_masking=draw(st.booleans()),
+    )
+    return Case(model, settings, tokens, eos, shape, seed)
+
+
+def initial_state(case: Case) -> TrainState:
+    """float64 parameters with norm weights moved off 1 (so a misplaced norm shows), zero moments."""
+    params = ref.perturbed_params(case.model, seed=case.seed % 1000)
+    params = params.apply(lambda t: t.detach().requires_grad_(True))
+    return TrainState(0, params, init_adamw_state(params), 0, 0)
+
+
+def batch(case: Case, step: int) -> Batch:
+    return make_batch(torch.from_numpy(case.tokens[step]), case.eos)
+
+
+def rows_of(b: Batch, index: int, parts: int) -> Batch:
+    """The `index`-th of `parts` contiguous row blocks: a data-parallel rank's share."""
+    n = b.input_ids.shape[0] // parts
+    return Batch(*(t[index * n : (index + 1) * n] for t in dataclasses.astuple(b)))
+
+
+def reference(case: Case) -> dict:
+    """The same training in one process without a plan."""
+    grads = make_gradient_fn(case.settings)(initial_state(case).params, batch(case, 0)).grads
+    step_fn, state, losses, norms = make_train_step(case.settings), initial_state(case), [], []
+    for step in range(STEPS):
+        state, metrics = step_fn(state, batch(case, step))
+        losses.append(metrics["loss"].item())
+        norms.append(metrics["grad_norm"].item())
+    return {
+        "grads": {k: v.detach().numpy() for k, v in grads.items()},
+        "losses": losses,
+        "grad_norms": norms,
+        "params": {k: v.detach().numpy() for k, v in flatten(state.params).items()},
+    }
+
+
+@functools.cache
+def _layout(shape: MeshShape) -> Layout:
+    return Layout(build_mesh(shape, torch.device("cpu")), shape)
+
+
+def _missing_qk_norm_reduction():
+    """QK-norm's statistic summed over tp ranks in forward but its gradient not summed in backward."""
+    import olmo_fn.parallelize.tensor_parallel as tp
+
+    real = tp._SumUsedApart
+    tp._SumUsedApart = tp._SumUsedAlike
+    return lambda: setattr(tp, "_SumUsedApart", real)
+
+
+def _norm_gradients_not_summed_over_tp():
+    """A norm weight used on each rank's slice of the sequence, its gradient taken as complete."""
+    from torch.distributed.tensor import Partial, Replicate
+
+    import olmo_fn.parallelize.plan as plan
+
+    real = plan.Rule.grad_placements
+    plan.Rule.grad_placements = property(
+        lambda rule: (Partial(), Partial(), rule.tp if rule.tp != Replicate() else Replicate())
+    )
+    return lambda: setattr(plan.Rule, "grad_placements", real)
+
+
+SABOTAGE = {
+    "missing_qk_norm_reduction": _missing_qk_norm_reduction,
+    "norm_grads_not_summed": _norm_gradients_not_summed_over_tp,
+}
+"""Deliberate bugs a job can switch on, for the negative controls: name -> patch (returning its undo)."""
+
+
+def run_on_rank(rank: int, world: int, case: Case, sabotage: str | None = None) -> dict | None:
+    """`reference`, under the default plan for `case.shape`; rank 0 returns the results."""
+    undo = SABOTAGE[sabotage]() if sabotage else None
+    try:
+        layout = _layout(case.shape)
+        plan = default_plan(case.model, case.shape, compute_dtype=torch.float64)
+        state = initial_state(case)
+        params = apply_plan(state.params, plan, layout.mesh)
+        state = TrainState(0, params, init_adamw_state(params), 0, 0)
+        sharding = Sharding.of(plan, layout, list(flatten(params)))
+        share = functools.partial(rows_of, index=layout.dp_rank, parts=case.shape.dp)
+        grads = make_gradient_fn(case.settings, sharding)(state.params, share(batch(case, 0))).grads
+        full_grads = {k: v.full_tensor().detach().numpy() for k, v in grads.items()}
+        step_fn, losses, norms = make_train_step(case.settings, sharding), [], []
+        for step in range(STEPS):
+            state, metrics = step_fn(state, share(batch(case, step)))
+            losses.append(metrics["loss"].item())
+            norms.append(metrics["grad_norm"].item())
+        params = {k: v.full_tensor().detach().numpy() for k, v in flatten(state.params).items()}
+    finally:
+        if undo is not None:
+            undo()
+    if rank != 0:
+        return None
+    return {"grads": full_grads, "losses": losses, "grad_norms": norms, "params": params}
+
+
+def assert_same(got: dict, want: dict, *, tol: float = 1e-10) -> None:
+    """Losses and gradient norms to `tol` relative; gradients and parameters to `tol` absolute
+    plus relative (float64 sums in another order differ by ~1e-16 per operation)."""
+    np.testing.assert_allclose(got["losses"], want["losses"], rtol=tol, atol=0, err_msg="losses")
+    np.testing.assert_allclose(
+        got["grad_norms"], want["grad_norms"], rtol=tol, atol=tol, err_msg="grad norms"
+    )
+    for name in ("grads", "params"):
+        assert got[name].keys() == want[name].keys()
+        for key in want[name]:
+            np.testing.assert_allclose(
+                got[name][key], want[name][key], rtol=tol, atol=tol, err_msg=f"{name} {key}"
+            )

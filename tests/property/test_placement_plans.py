@@ -1,0 +1,83 @@
+"""Every placement plan computes what one process computes: loss, every gradient, and the parameters
+after 3 optimizer steps, in float64 (tolerance 1e-10, relative and absolute).
+
+Hypothesis draws the model (heads, kv-heads, head size, layers, vocabulary, MLP width, QK-norm,
+block kind, sliding windows, tied embeddings), the batches (one document per row, a few, or many
+short ones), the step settings (micro-batches, z-loss, clipping that acts or not, document masking)
+and a plan from every supported combination at the world size: FSDP, HSDP, TP, FSDP x TP, HSDP x TP.
+The `nightly` hypothesis profile runs many more examples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from hypothesis import given, settings
+
+from olmo_fn.graph import ModelConfig
+from olmo_fn.parallelize.parallel_config import MeshShape
+
+from plan_cases import STEPS, Case, assert_same, cases, reference, run_on_rank
+from rank_pool import RankPool
+
+
+@pytest.fixture(scope="module")
+def pools():
+    started: dict[int, RankPool] = {}
+
+    def pool(world: int) -> RankPool:
+        if world not in started:
+            started[world] = RankPool(world)
+        return started[world]
+
+    yield pool
+    for running in started.values():
+        running.close()
+
+
+def check(pool: RankPool, case: Case, sabotage: str | None = None) -> None:
+    got = pool.run(run_on_rank, case, sabotage)[0]
+    assert_same(got, reference(case))
+
+
+@given(case=cases(world=2))
+@settings(deadline=None)
+def test_plans_on_two_ranks_equal_one_process(pools, case):
+    check(pools(2), case)
+
+
+@given(case=cases(world=4))
+@settings(deadline=None)
+def test_plans_on_four_ranks_equal_one_process(pools, case):
+    check(pools(4), case)
+
+
+def _tp_case(**model_changes) -> Case:
+    """A fixed example under TP 2 with QK-norm and the OLMo 2 block."""
+    import numpy as np
+    import torch
+
+    from olmo_fn.state.adamw import AdamWConfig
+    from olmo_fn.state.schedule import ScheduleConfig
+    from olmo_fn.state.train_step import StepSettings
+
+    model = dataclasses.replace(
+        ModelConfig(d_model=8, n_layers=1, n_heads=2, n_kv_heads=2, mlp_hidden=4, vocab_size=12),
+        **model_changes,
+    )
+    settings_ = StepSettings(
+        model, AdamWConfig(lr=1e-2), ScheduleConfig(warmup_steps=1), STEPS, 2, torch.float64
+    )
+    gen = np.random.default_rng(0)
+    tokens = tuple(gen.integers(0, 12, (2, 6)) for _ in range(STEPS))
+    return Case(model, settings_, tokens, 0, MeshShape(1, 1, 2), seed=3)
+
+
+@pytest.mark.parametrize("sabotage", ["missing_qk_norm_reduction", "norm_grads_not_summed"])
+def test_the_property_catches_a_missing_reduction(pools, sabotage):
+    """Negative control: the same example passes as built and fails with one reduction left out."""
+    case = _tp_case()
+    check(pools(2), case)
+    with pytest.raises(AssertionError, match="Not equal to tolerance"):
+        check(pools(2), case, sabotage)
