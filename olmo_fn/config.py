@@ -22,6 +22,7 @@ from olmo_fn.graph.config import ModelConfig
 from olmo_fn.graph.model import AttentionBackend
 from olmo_fn.graph.presets import PRESETS
 from olmo_fn.io.loader import DataConfig
+from olmo_fn.parallelize.parallel_config import ParallelConfig
 from olmo_fn.state.adamw import AdamWConfig
 from olmo_fn.state.checkpoint_writer import CheckpointConfig
 from olmo_fn.state.schedule import ScheduleConfig
@@ -67,6 +68,7 @@ class TrainConfig:
     when the run starts (a run on a shared machine then slows down gently instead of collapsing)."""
     checkpoint: CheckpointConfig = CheckpointConfig()
     eval: EvalConfig = EvalConfig()
+    parallel: ParallelConfig = ParallelConfig()
     run_dir: str | None = None
     """Where config.json, metrics.jsonl and checkpoints go. Default: runs/<preset>-<date>-<time>.
     A directory that already holds a run is resumed from its newest complete checkpoint."""
@@ -127,6 +129,7 @@ RUNTIME_FIELDS = frozenset(
         "dtype",
         "compile",
         "threads",
+        "parallel",  # placements change where the math runs, not what it computes
         "checkpoint",
         "eval",
         "run_dir",

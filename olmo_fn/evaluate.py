@@ -11,7 +11,6 @@ import orjson
 import torch
 
 from olmo_fn.errors import ConfigError
-from olmo_fn.graph.model import loss_sums
 from olmo_fn.io.batch import Batch
 from olmo_fn.io.byte_tokenizer import BYTE_EOS
 from olmo_fn.io.instances import ChunkedTokens, make_batch
@@ -19,8 +18,8 @@ from olmo_fn.io.loader import DataConfig, token_file_dtype
 from olmo_fn.io.paths import expand_paths
 from olmo_fn.io.stdlib_corpus import stdlib_token_file
 from olmo_fn.io.text_tokenizer import open_tokenizer_json
-from olmo_fn.parallelize.mixed_precision import compute_params
-from olmo_fn.state.train_step import StepSettings
+from olmo_fn.parallelize.placed_step import Sharding
+from olmo_fn.state.train_step import StepSettings, make_loss_sums_fn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,21 +96,23 @@ def _tokenizer_json_bytes(path: str, vocab_size: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def evaluate(params, eval_data: EvalData, settings: StepSettings, device: torch.device) -> dict[str, float]:
-    """``eval/NAME/loss`` (mean cross-entropy, nats), ``.../bpb`` (bits per byte), ``.../tokens``."""
+def evaluate(
+    params,
+    eval_data: EvalData,
+    settings: StepSettings,
+    device: torch.device,
+    sharding: Sharding | None = None,
+) -> dict[str, float]:
+    """``eval/NAME/loss`` (mean cross-entropy, nats), ``.../bpb`` (bits per byte), ``.../tokens``.
+
+    With a `sharding` (collective): every rank evaluates every batch with its placed parameters, so
+    each has the whole result (simple, and the eval set is small next to training)."""
     ce_total, targets, n_bytes = 0.0, 0, 0
-    compute = compute_params(params, settings.compute_dtype)
+    # Eager: the eval batch shape differs from training's, and a compiled block would compile again.
+    loss_sums = make_loss_sums_fn(dataclasses.replace(settings, compile=False), sharding)
     for batch in eval_data.batches:
         batch = batch.to(device)
-        kwargs = {"positions": batch.positions, "doc_ids": batch.doc_ids} if settings.document_masking else {}
-        ce_sum, _, n = loss_sums(
-            compute,
-            batch.input_ids,
-            batch.labels,
-            settings.model,
-            backend=settings.attention_backend,
-            **kwargs,
-        )
+        ce_sum, _, n = loss_sums(params, batch)
         ce_total += float(ce_sum)
         targets += int(n)
         labels = batch.labels[batch.labels >= 0].cpu().numpy()

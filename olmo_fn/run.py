@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Annotated, Union
 
 import orjson
+import torch.distributed as dist
 import tyro
 
 from olmo_fn.bench import BenchConfig, run_bench
@@ -35,6 +36,8 @@ from olmo_fn.errors import ConfigError, OlmoFnError
 from olmo_fn.generate import GenerateConfig, run_generate
 from olmo_fn.graph.presets import get_preset
 from olmo_fn.io.prepare_data import PrepareDataConfig, run_prepare_data
+from olmo_fn.parallelize.mesh import launched_world
+from olmo_fn.plan_report import PlanCommand, format_report, plan_report
 
 PROG = "python -m olmo_fn.run"
 DESCRIPTION = (
@@ -86,8 +89,8 @@ def _defaults(command: str | None, args: list[str]) -> dict[str, object]:
     if config_path is None and command == "train" and run_dir and (Path(run_dir) / "config.json").is_file():
         config_path = str(Path(run_dir) / "config.json")
     if config_path is not None:
-        if command != "train":
-            raise ConfigError("--config applies to the train command")
+        if command not in ("train", "plan"):
+            raise ConfigError("--config applies to the train and plan commands")
         # A template: where it ran and how it resumed belong to that run, not to this command.
         train = dataclasses.replace(
             config_from_json(config_path), run_dir=None, resume=False, allow_config_change=False
@@ -96,7 +99,8 @@ def _defaults(command: str | None, args: list[str]) -> dict[str, object]:
         model = get_preset(preset)
         train = dataclasses.replace(train, preset=preset, model=model)
         bench = dataclasses.replace(bench, preset=preset, model=model)
-    return {"train": train, "bench": bench}
+    plan = PlanCommand(**{f.name: getattr(train, f.name) for f in dataclasses.fields(TrainConfig)})
+    return {"train": train, "bench": bench, "plan": plan}
 
 
 CheckpointAction = Union[  # noqa: UP007 (tyro reads the Union)
@@ -125,9 +129,10 @@ class ConvertCommand:
     action: ConvertAction
 
 
-COMMANDS = ("train", "prepare-data", "generate", "convert", "checkpoint", "bench", "bench-prepare")
+COMMANDS = ("train", "plan", "prepare-data", "generate", "convert", "checkpoint", "bench", "bench-prepare")
 Command = (
     TrainConfig
+    | PlanCommand
     | PrepareDataConfig
     | GenerateConfig
     | ConvertCommand
@@ -163,6 +168,7 @@ def parse(argv: Sequence[str]) -> Command:
 
     commands = Union[  # noqa: UP007 (tyro reads the Union)
         Annotated[TrainConfig, sub("train", TrainConfig, CONFIG_NOTE, default=defaults["train"])],
+        Annotated[PlanCommand, sub("plan", PlanCommand, CONFIG_NOTE, default=defaults["plan"])],
         Annotated[PrepareDataConfig, sub("prepare-data", PrepareDataConfig)],
         Annotated[GenerateConfig, sub("generate", GenerateConfig)],
         Annotated[ConvertCommand, sub("convert", ConvertCommand)],
@@ -176,7 +182,9 @@ def parse(argv: Sequence[str]) -> Command:
 
 
 def run(cfg: Command) -> None:
-    if isinstance(cfg, PrepareDataConfig):
+    if isinstance(cfg, PlanCommand):  # before TrainConfig, which it extends
+        print(format_report(plan_report(cfg), cfg.json))
+    elif isinstance(cfg, PrepareDataConfig):
         summary = run_prepare_data(cfg)
         print(orjson.dumps({k: v for k, v in summary.items() if k != "malformed_examples"}).decode())
     elif isinstance(cfg, PrepareBenchConfig):
@@ -200,7 +208,8 @@ def run(cfg: Command) -> None:
 
         started = time.perf_counter()
         run_dir = train(cfg)
-        print(finished_summary(run_dir, time.perf_counter() - started), file=sys.stderr)
+        if launched_world()[0] == 0:
+            print(finished_summary(run_dir, time.perf_counter() - started), file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -213,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OlmoFnError as exc:
         if debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        _print_error(str(exc))
         return 2
     except BrokenPipeError:  # the reader went away (`... | head -1`): stop quietly, as `cat` would
         _discard_stdout()
@@ -221,12 +230,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:  # the machine said no: a full disk, a read-only directory, a missing file
         if debug:
             raise
-        print(f"error: {_os_error(exc)} (--debug shows where)", file=sys.stderr)
+        _print_error(f"{_os_error(exc)} (--debug shows where)")
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _print_error(message: str) -> None:
+    """One line on stderr. Under a launcher, each rank names itself; an error found before the process
+    group started is the same on every rank, so only rank 0 prints it."""
+    rank, world, _ = launched_world()
+    if world == 1:
+        print(f"error: {message}", file=sys.stderr)
+    elif dist.is_initialized():
+        print(f"error: rank {rank}: {message}", file=sys.stderr)
+    elif rank == 0:
+        print(f"error: {message}", file=sys.stderr)
 
 
 def _os_error(exc: OSError) -> str:

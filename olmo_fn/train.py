@@ -11,6 +11,7 @@ from datetime import datetime
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from olmo_fn.config import (
     TrainConfig,
@@ -26,6 +27,8 @@ from olmo_fn.io.atomic import write_json
 from olmo_fn.io.loader import Prefetcher, TrainingData, open_training_data
 from olmo_fn.io.metrics_log import MetricsLog, truncate_metrics
 from olmo_fn.io.text_tokenizer import open_tokenizer_json
+from olmo_fn.parallelize.mesh import launched_world
+from olmo_fn.parallelize.world import World, join_world, plan_world
 from olmo_fn.progress import StepProgress
 from olmo_fn.run_dir import TOKENIZER, RunStart, check_run_dir_writable, inspect_run_dir, keep_tokenizer
 from olmo_fn.runtime import (
@@ -56,7 +59,7 @@ def _say(enabled: bool, message: str) -> None:
 
 
 def start_state(
-    cfg: TrainConfig, run_dir: Path, device: torch.device, data: TrainingData
+    cfg: TrainConfig, run_dir: Path, device: torch.device, data: TrainingData, world: World | None = None
 ) -> tuple[TrainState, RunStart, list[str]]:
     """The state a train command starts from, decided and checked before anything is written:
     ``(state, how it starts, config differences accepted on resume)``.
@@ -64,8 +67,10 @@ def start_state(
     A fresh state for a new run directory (or one whose earlier attempt failed before its first
     update), or the newest checkpoint of an existing run; every refusal (see `olmo_fn.run_dir`)
     raises before the directory changes. The first batch is built here too, so data that cannot
-    train (e.g. a token id outside the vocabulary) is named before a file is written.
+    train (e.g. a token id outside the vocabulary) is named before a file is written. With a `world`,
+    the state is placed by its plan (a checkpoint of any world size and plan is resharded on load).
     """
+    place = world.place if world is not None else (lambda state: state)
     config_json, fingerprint = config_to_dict(cfg), config_fingerprint(cfg)
     start = inspect_run_dir(run_dir, resume_required=cfg.resume)
     differences: list[str] = []
@@ -80,10 +85,12 @@ def start_state(
                 f"training math: {'; '.join(differences)}. Resume without those options, or pass "
                 "--allow-config-change to continue with the new values (e.g. a new schedule for annealing)"
             )
-        state = load_checkpoint(start.checkpoint, empty_train_state(cfg.model, device=device))
+        state = load_checkpoint(start.checkpoint, place(empty_train_state(cfg.model, device=device)))
     else:
-        state = init_train_state(
-            cfg.model, seed=cfg.seed, device=device, config=config_json, config_fingerprint=fingerprint
+        state = place(
+            init_train_state(
+                cfg.model, seed=cfg.seed, device=device, config=config_json, config_fingerprint=fingerprint
+            )
         )
     if cfg.schedule.start_step > state.step:
         raise ConfigError(
@@ -92,7 +99,7 @@ def start_state(
             + (f" (to anneal from here: --schedule.start-step {state.step})" if state.step else "")
         )
     if state.step < cfg.steps:
-        data.batch(state.data_cursor, cfg.global_batch_size)  # raises DataError on unusable tokens
+        data.batch(state.data_cursor, cfg.global_batch_size, **_data_share(world))  # DataError if unusable
     return state, start, differences
 
 
@@ -148,6 +155,32 @@ def _device_text(device: torch.device, threads: CpuThreads | None) -> str:
     return f"cpu ({threads.threads} thread{'s' if threads.threads != 1 else ''}: {threads.reason})"
 
 
+def _data_share(world: World | None) -> dict[str, int]:
+    """Which rows of each global batch this process reads: its data-parallel rank among all of them."""
+    if world is None:
+        return {}
+    return {"rank": world.sharding.layout.dp_rank, "world": world.shape.dp}
+
+
+def _start_world(cfg: TrainConfig, device: torch.device) -> tuple[World | None, torch.device]:
+    """Check the parallel config against the launcher's world size (before any process group starts),
+    then join the world when there is more than one process."""
+    _, world_size, local_rank = launched_world()
+    shape = plan_world(
+        cfg.parallel,
+        cfg.model,
+        world=world_size,
+        global_batch=cfg.global_batch_size,
+        micro_batch=cfg.micro_batch,
+        seq_len=cfg.data.seq_len,
+    )
+    if world_size == 1:
+        return None, device
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+    return join_world(shape, cfg.model, device, resolve_dtype(cfg.dtype, device)), device
+
+
 def metrics_lag(device: torch.device) -> int:
     """Steps by which metrics are read behind the step that made them (1 on CUDA, 0 elsewhere)."""
     return 1 if device.type == "cuda" else 0
@@ -158,15 +191,33 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
 
     Everything that can be checked is checked before the run directory is touched: the config, the
     directory itself, the data (files, the first batch's token range), the eval set and tokenizer.
+
+    Under a launcher (torchrun) every process calls this; each reads its data-parallel share of every
+    batch and writes its checkpoint shards, and rank 0 alone writes config.json, metrics.jsonl and the
+    progress line.
     """
     device = resolve_device(cfg.device)
+    if cfg.resume and cfg.run_dir is None:
+        raise ConfigError("--resume needs --run-dir: the run directory to resume")
+    world, device = _start_world(cfg, device)
+    # A rank that fails leaves its group as it is: the launcher, or the others' collective timeout,
+    # ends the rest. Only a run that finished everywhere tears the group down.
+    run_dir = _train(cfg, device, world, progress=progress and (world is None or world.is_coordinator))
+    if world is not None:
+        world.barrier()
+        dist.destroy_process_group()
+    return run_dir
+
+
+def _train(cfg: TrainConfig, device: torch.device, world: World | None, *, progress: bool) -> Path:
+    coordinator = world is None or world.is_coordinator
     threads = None
     if device.type == "cpu":
         threads = choose_cpu_threads(cfg.threads)
         torch.set_num_threads(threads.threads)
-    if cfg.resume and cfg.run_dir is None:
-        raise ConfigError("--resume needs --run-dir: the run directory to resume")
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
+    if world is not None:
+        run_dir = world.broadcast(run_dir)  # rank 0's clock names a default run directory
     check_run_dir_writable(run_dir)
     cfg = _with_run_tokenizer(cfg, run_dir)
     if cfg.data.tokenizer != "bytes":
@@ -174,8 +225,18 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
     total_instances = cfg.steps * cfg.global_batch_size
     data = open_training_data(cfg.data, cfg.model.vocab_size, seed=cfg.seed, total_instances=total_instances)
     eval_data = open_eval_data(cfg.eval, cfg.data, cfg.model.vocab_size)
-    state, start, differences = start_state(cfg, run_dir, device, data)
-    state = _prepare_run_dir(cfg, run_dir, state, start, differences, progress)
+    state, start, differences = start_state(cfg, run_dir, device, data, world)
+    if coordinator:
+        state = _prepare_run_dir(cfg, run_dir, state, start, differences, progress)
+    else:
+        state = dataclasses.replace(
+            state,
+            config=config_to_dict(cfg),
+            config_fingerprint=config_fingerprint(cfg),
+            versions=current_versions(),
+        )
+    if world is not None:
+        world.barrier()  # the run directory is ready before any rank writes checkpoint shards into it
     if state.step >= cfg.steps:
         _say(progress, f"{run_dir}: already trained for {state.step} of {cfg.steps} steps; nothing to do")
         return run_dir
@@ -193,27 +254,34 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
         document_masking=cfg.document_masking,
         compile=resolve_compile(cfg.compile, device),
     )
-    step_fn = make_train_step(settings)
+    sharding = world.sharding if world is not None else None
+    step_fn = make_train_step(settings, sharding)
+    where = _device_text(device, threads)
+    if world is not None:
+        where = f"{world.size} processes ({world.shape}) on {where}"
     _say(
         progress,
         f"{cfg.preset}: {count_params(cfg.model) / 1e6:,.2f}M params, {len(data):,} instances "
         f"of {cfg.data.seq_len} tokens, {cfg.steps} steps x {cfg.global_batch_size * cfg.data.seq_len:,} "
-        f"tokens on {_device_text(device, threads)}, "
-        f"{str(settings.compute_dtype).removeprefix('torch.')}"
+        f"tokens on {where}, {str(settings.compute_dtype).removeprefix('torch.')}"
         f"{', compiled' if settings.compile else ''} -> {run_dir}",
     )
 
     # On an asynchronous device, step k's metrics are read only after step k+1 is queued, so the
     # device never idles while the host waits; the time between reads is then one step's time.
     lag = metrics_lag(device)
+    dp = world.shape.dp if world is not None else 1
+    share = _data_share(world)
     pending: list[dict] = []
     last_read = time.perf_counter()
+    # Async saves of several processes talk over a group of their own, beside the training's.
+    save_group = dist.new_group(backend="gloo") if world is not None and cfg.checkpoint.async_save else None
     with (
-        MetricsLog(run_dir / "metrics.jsonl") as log,
+        MetricsLog(run_dir / "metrics.jsonl") if coordinator else contextlib.nullcontext() as log,
         StepProgress(cfg.steps, start=state.step, enabled=progress) as bar,
-        CheckpointWriter(run_dir, cfg.checkpoint) as checkpoints,
+        CheckpointWriter(run_dir, cfg.checkpoint, group=save_group) as checkpoints,
         Prefetcher(
-            lambda cursor: data.batch(cursor, cfg.global_batch_size),
+            lambda cursor: data.batch(cursor, cfg.global_batch_size, **share),
             state.data_cursor,
             cfg.global_batch_size,
             pin=device.type == "cuda",
@@ -226,12 +294,13 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
             now = time.perf_counter()
             row["tokens_per_s"] = row.pop("n_tokens") / (now - last_read - row.get("eval_s", 0.0))
             last_read = now
-            log.write(row)
+            if log is not None:
+                log.write(row)
             bar.update(row["step"], row["loss"], row["tokens_per_s"])
             if not math.isfinite(row["loss"]):
                 raise TrainingError(
                     f"loss is {row['loss']} at step {row['step']} (lr {row['lr']:.3g}, "
-                    f"grad norm {row['grad_norm']:.3g}); metrics so far are in {log.path}"
+                    f"grad norm {row['grad_norm']:.3g}); metrics so far are in {run_dir / 'metrics.jsonl'}"
                 )
 
         while state.step < cfg.steps:
@@ -242,13 +311,13 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
             row = {
                 "step": state.step,
                 **metrics,
-                "n_tokens": batch.n_tokens,
+                "n_tokens": batch.n_tokens * dp,
                 "tokens_seen": state.tokens_seen,
             }
             row["data_wait_s"] = batches.wait_s - waited
             if eval_data is not None and (state.step % cfg.eval.interval == 0 or state.step == cfg.steps):
                 started = time.perf_counter()
-                row.update(evaluate(state.params, eval_data, settings, device))
+                row.update(evaluate(state.params, eval_data, settings, device, sharding))
                 row["eval_s"] = time.perf_counter() - started
             pending.append(row)
             while len(pending) > lag:

@@ -4,6 +4,9 @@ python tests/crash_train.py after-step K  -- train ARGS...   # killed right afte
 python tests/crash_train.py in-save K     -- train ARGS...   # killed while checkpoint step K is
                                                              # written: DCP files on disk, no
                                                              # manifest, not renamed into place
+
+Under torchrun (``torchrun ... tests/crash_train.py after-step K -- train ...``), CRASH_RANK=R in
+the environment kills only rank R; the others go on until the launcher stops them.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ import sys
 
 
 def die() -> None:
-    os.kill(os.getpid(), signal.SIGKILL)
+    if os.environ.get("CRASH_RANK", os.environ.get("RANK", "0")) == os.environ.get("RANK", "0"):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def main() -> None:

@@ -13,8 +13,8 @@ def stop_after_step(train_module, step: int, action: Callable[[], None], setattr
     """
     make = train_module.make_train_step
 
-    def make_stopping(settings):
-        step_fn = make(settings)
+    def make_stopping(*args):
+        step_fn = make(*args)
 
         def stopping(state, batch):
             state, metrics = step_fn(state, batch)

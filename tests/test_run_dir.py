@@ -197,7 +197,7 @@ def test_an_attempt_that_failed_before_its_first_step_can_be_started_afresh(tmp_
     def fail():
         raise MemoryError("out of memory in the first step")
 
-    def failing(settings):
+    def failing(*args):
         def step(state, batch):
             fail()
 

@@ -67,15 +67,13 @@ class Gradients:
 GradientFn = Callable[[TensorDict, Batch], Gradients]
 
 
-def make_gradient_fn(settings: StepSettings, sharding: Sharding | None = None) -> GradientFn:
-    """``gradients(params, batch)``: the gradient of the batch's objective, ``(ce_sum + z_loss *
-    z_sum) / n_targets`` over the whole (global) batch.
+LossSumsFn = Callable[[TensorDict, Batch], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
-    The batch is split into micro-batches of ``settings.micro_batch_size`` rows; their gradients
-    accumulate, and every micro-batch's loss is divided by the target count of the whole batch, so
-    the result equals the gradient of the whole batch at once. With a `sharding`, `params` are placed
-    DTensors, `batch` is this rank's share of the global batch, and the call is collective.
-    """
+
+def make_loss_sums_fn(settings: StepSettings, sharding: Sharding | None = None) -> LossSumsFn:
+    """``loss_sums(params, batch) -> (ce_sum, z_sum, n_targets)`` of the model on one (micro-)batch, as
+    `olmo_fn.graph.model.loss_sums` computes them, under `sharding` when given (then collective, with
+    this rank's share of the rows: the sums are this share's, not yet summed over ranks)."""
     cfg = settings.model
     tp = sharding.tp if sharding is not None and sharding.layout.shape.tp > 1 else None
     if tp is not None:
@@ -86,7 +84,7 @@ def make_gradient_fn(settings: StepSettings, sharding: Sharding | None = None) -
         block_fn = gathering_block(block_fn, sharding)
     model_loss_sums = loss_sums if tp is None else functools.partial(tp_loss_sums, tp=tp)
 
-    def objective(params, mb: Batch, n_targets: torch.Tensor):
+    def sums(params: TensorDict, mb: Batch):
         kwargs = {}
         if settings.document_masking:
             kwargs = {"positions": mb.positions, "doc_ids": mb.doc_ids}
@@ -95,7 +93,7 @@ def make_gradient_fn(settings: StepSettings, sharding: Sharding | None = None) -
             if sharding is None
             else model_view(params, sharding)
         )
-        ce_sum, z_sum, _ = model_loss_sums(
+        return model_loss_sums(
             view,
             mb.input_ids,
             mb.labels,
@@ -104,6 +102,23 @@ def make_gradient_fn(settings: StepSettings, sharding: Sharding | None = None) -
             block_fn=block_fn,
             **kwargs,
         )
+
+    return sums
+
+
+def make_gradient_fn(settings: StepSettings, sharding: Sharding | None = None) -> GradientFn:
+    """``gradients(params, batch)``: the gradient of the batch's objective, ``(ce_sum + z_loss *
+    z_sum) / n_targets`` over the whole (global) batch.
+
+    The batch is split into micro-batches of ``settings.micro_batch_size`` rows; their gradients
+    accumulate, and every micro-batch's loss is divided by the target count of the whole batch, so
+    the result equals the gradient of the whole batch at once. With a `sharding`, `params` are placed
+    DTensors, `batch` is this rank's share of the global batch, and the call is collective.
+    """
+    sums = make_loss_sums_fn(settings, sharding)
+
+    def objective(params, mb: Batch, n_targets: torch.Tensor):
+        ce_sum, z_sum, _ = sums(params, mb)
         return (ce_sum + settings.z_loss * z_sum) / n_targets, ce_sum.detach(), z_sum.detach()
 
     def gradients(params: TensorDict, batch: Batch) -> Gradients:

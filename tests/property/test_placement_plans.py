@@ -22,20 +22,6 @@ from plan_cases import STEPS, Case, assert_same, cases, reference, run_on_rank
 from rank_pool import RankPool
 
 
-@pytest.fixture(scope="module")
-def pools():
-    started: dict[int, RankPool] = {}
-
-    def pool(world: int) -> RankPool:
-        if world not in started:
-            started[world] = RankPool(world)
-        return started[world]
-
-    yield pool
-    for running in started.values():
-        running.close()
-
-
 def check(pool: RankPool, case: Case, sabotage: str | None = None) -> None:
     got = pool.run(run_on_rank, case, sabotage)[0]
     assert_same(got, reference(case))

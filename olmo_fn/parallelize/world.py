@@ -1,0 +1,91 @@
+"""The processes a run spans: checked before any group starts, then joined, meshed and planned.
+
+`plan_world` resolves `ParallelConfig` against the launcher's world size and names every problem
+without touching the network; `join_world` then starts the process group, builds the mesh and the
+default plan. A single process with no launcher gets no `World` at all and runs exactly as before.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.distributed as dist
+
+from olmo_fn.errors import ConfigError
+from olmo_fn.graph.config import ModelConfig
+from olmo_fn.graph.param_tree import param_shapes
+from olmo_fn.parallelize.mesh import Layout, build_mesh, launched_world, start_process_group
+from olmo_fn.parallelize.parallel_config import (
+    MeshShape,
+    ParallelConfig,
+    parallel_problems,
+    resolve_mesh_shape,
+)
+from olmo_fn.parallelize.placed_step import Sharding
+from olmo_fn.parallelize.plan import apply_plan, default_plan
+from olmo_fn.state.adamw import init_adamw_state
+from olmo_fn.state.train_state import TrainState
+
+
+def plan_world(
+    parallel: ParallelConfig,
+    model: ModelConfig,
+    *,
+    world: int,
+    global_batch: int,
+    micro_batch: int,
+    seq_len: int,
+) -> MeshShape:
+    """The mesh shape for `world` processes; a ConfigError naming every problem (nothing started)."""
+    shape = resolve_mesh_shape(parallel, world)
+    problems = parallel_problems(
+        shape, model, global_batch=global_batch, micro_batch=micro_batch, seq_len=seq_len
+    )
+    if problems:
+        raise ConfigError("invalid parallel config: " + "; ".join(problems))
+    return shape
+
+
+@dataclasses.dataclass(frozen=True)
+class World:
+    """This process's rank among `size`, its place on the mesh, and the plan its state is placed by."""
+
+    rank: int
+    size: int
+    sharding: Sharding
+
+    @property
+    def shape(self) -> MeshShape:
+        return self.sharding.layout.shape
+
+    @property
+    def is_coordinator(self) -> bool:
+        """Rank 0 writes the run directory's files and prints progress."""
+        return self.rank == 0
+
+    def place(self, state: TrainState) -> TrainState:
+        """`state` with its parameters placed by the plan and zero moments placed like them. Every
+        process passes the same full values (a deterministic init, or a template about to be loaded)."""
+        params = apply_plan(state.params, self.sharding.plan, self.sharding.layout.mesh)
+        return dataclasses.replace(state, params=params, opt_state=init_adamw_state(params))
+
+    def broadcast(self, value: object) -> object:
+        """Rank 0's `value` on every rank (a Python object, e.g. the default run directory)."""
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+
+def join_world(
+    shape: MeshShape, model: ModelConfig, device: torch.device, compute_dtype: torch.dtype
+) -> World:
+    """Start (or join) the launcher's process group and build the mesh and the default plan."""
+    start_process_group(device)
+    rank, size, _ = launched_world()
+    layout = Layout(build_mesh(shape, device), shape)
+    plan = default_plan(model, shape, compute_dtype=compute_dtype)
+    return World(rank, size, Sharding.of(plan, layout, list(param_shapes(model))))
