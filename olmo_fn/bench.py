@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import resource
+import shutil
 import sys
 import tempfile
 import time
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 
 from olmo_fn.config import DEFAULT_PRESET, PresetName
 from olmo_fn.errors import ConfigError
@@ -19,6 +22,9 @@ from olmo_fn.graph.model import AttentionBackend
 from olmo_fn.graph.presets import PRESETS
 from olmo_fn.io.batch import Batch
 from olmo_fn.io.instances import make_batch
+from olmo_fn.parallelize.mesh import launched_world
+from olmo_fn.parallelize.parallel_config import ParallelConfig, resolve_mesh_shape
+from olmo_fn.parallelize.world import World, start_world
 from olmo_fn.runtime import device_name, resolve_compile, resolve_device, resolve_dtype
 from olmo_fn.state.adamw import AdamWConfig
 from olmo_fn.state.checkpoint import latest_checkpoint, load_checkpoint
@@ -69,6 +75,9 @@ class BenchConfig:
     """Overlap those checkpoint writes with the following steps."""
     peak_tflops: float | None = None
     """Peak FLOP/s of the device in TFLOP/s for MFU; default: the bf16 datasheet peak of known GPUs."""
+    parallel: ParallelConfig = ParallelConfig()
+    """Under torchrun: how the processes split the work (each data-parallel rank trains micro-batches of
+    its own); tokens_per_s counts them all. torchrun with one process measures a 1-rank plan."""
 
     def __post_init__(self) -> None:
         for name in ("seq_len", "micro_batch_size", "grad_accum", "steps"):
@@ -118,12 +127,39 @@ def _checkpoint_figures(run_dir: str, writer: CheckpointWriter, cfg: BenchConfig
     }
 
 
+@contextlib.contextmanager
+def _shared_scratch(world: World | None):
+    """A temporary directory every rank writes into (rank 0 makes it and names it to the others)."""
+    if world is None:
+        with tempfile.TemporaryDirectory(prefix="olmo_fn-bench-") as scratch:
+            yield scratch
+        return
+    scratch = world.broadcast(tempfile.mkdtemp(prefix="olmo_fn-bench-") if world.is_coordinator else None)
+    try:
+        yield scratch
+    finally:
+        world.barrier()
+        if world.is_coordinator:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
 def run_bench(cfg: BenchConfig) -> dict[str, Any]:
-    """Run the benchmark; returns the figures that `main` prints as one JSON line."""
+    """Run the benchmark; returns the figures that `main` prints as one JSON line (under torchrun,
+    rank 0 prints them)."""
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     compiled = resolve_compile(cfg.compile, device)
-    batch_rows = cfg.micro_batch_size * cfg.grad_accum
+    batch_rows = cfg.micro_batch_size * cfg.grad_accum  # per data-parallel rank
+    world, device = start_world(
+        cfg.parallel,
+        cfg.model,
+        device,
+        dtype,
+        global_batch=batch_rows * resolve_mesh_shape(cfg.parallel, launched_world()[1]).dp,
+        micro_batch=cfg.micro_batch_size,
+        seq_len=cfg.seq_len,
+    )
+    dp = world.shape.dp if world is not None else 1
     settings = StepSettings(
         model=cfg.model,
         optim=cfg.optim,
@@ -135,9 +171,12 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         document_masking=cfg.document_masking,
         compile=compiled,
     )
-    step_fn = make_train_step(settings)
+    step_fn = make_train_step(settings, world.sharding if world is not None else None)
     state = init_train_state(cfg.model, seed=cfg.seed, device=device)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    if world is not None:
+        state = world.place(state)
+    dp_rank = world.sharding.layout.dp_rank if world is not None else 0
+    gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + dp_rank)  # each rank its own rows
 
     def random_batch() -> Batch:
         tokens = torch.randint(
@@ -154,7 +193,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     for _ in range(cfg.warmup - 1):
         state, metrics = step_fn(state, random_batch())
     _sync(device)
-    with tempfile.TemporaryDirectory(prefix="olmo_fn-bench-") as scratch:
+    with _shared_scratch(world) as scratch:
         checkpoint_cfg = CheckpointConfig(
             interval=cfg.checkpoint_interval, keep_last=1, async_save=cfg.async_save
         )
@@ -171,7 +210,10 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
             _checkpoint_figures(scratch, writer, cfg, device) if writer.last_saved_step else {}
         )
 
-    tokens_per_s = batch_rows * cfg.seq_len / step_s
+    if world is not None:
+        world.barrier()
+        dist.destroy_process_group()
+    tokens_per_s = batch_rows * dp * cfg.seq_len / step_s
     flops = flops_per_token(cfg.model, cfg.seq_len)
     peak = _peak_flops(cfg, device, dtype)
     return {
@@ -193,6 +235,8 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         "device": device_name(device),
         "dtype": str(dtype).removeprefix("torch."),
         "compile": compiled,
+        "processes": world.size if world is not None else 1,
+        "mesh": str(world.shape) if world is not None else None,
         "torch": torch.__version__,
         "python": sys.version.split()[0],
     }

@@ -195,7 +195,9 @@ def run(cfg: Command) -> None:
         convert = convert_to_hf if isinstance(cfg.action, ConvertToHf) else convert_from_hf
         print(f"wrote {convert(cfg.action)}", file=sys.stderr)
     elif isinstance(cfg, BenchConfig):
-        print(orjson.dumps(run_bench(cfg)).decode(), flush=True)
+        figures = run_bench(cfg)
+        if launched_world()[0] == 0:
+            print(orjson.dumps(figures).decode(), flush=True)
     elif isinstance(cfg, CheckpointCommand):
         if isinstance(cfg.action, CheckpointInfo):
             print(checkpoint_info(cfg.action))

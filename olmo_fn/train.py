@@ -27,8 +27,7 @@ from olmo_fn.io.atomic import write_json
 from olmo_fn.io.loader import Prefetcher, TrainingData, open_training_data
 from olmo_fn.io.metrics_log import MetricsLog, truncate_metrics
 from olmo_fn.io.text_tokenizer import open_tokenizer_json
-from olmo_fn.parallelize.mesh import launched_world
-from olmo_fn.parallelize.world import World, join_world, plan_world
+from olmo_fn.parallelize.world import World, start_world
 from olmo_fn.progress import StepProgress
 from olmo_fn.run_dir import TOKENIZER, RunStart, check_run_dir_writable, inspect_run_dir, keep_tokenizer
 from olmo_fn.runtime import (
@@ -162,25 +161,6 @@ def _data_share(world: World | None) -> dict[str, int]:
     return {"rank": world.sharding.layout.dp_rank, "world": world.shape.dp}
 
 
-def _start_world(cfg: TrainConfig, device: torch.device) -> tuple[World | None, torch.device]:
-    """Check the parallel config against the launcher's world size (before any process group starts),
-    then join the world when there is more than one process."""
-    _, world_size, local_rank = launched_world()
-    shape = plan_world(
-        cfg.parallel,
-        cfg.model,
-        world=world_size,
-        global_batch=cfg.global_batch_size,
-        micro_batch=cfg.micro_batch,
-        seq_len=cfg.data.seq_len,
-    )
-    if world_size == 1:
-        return None, device
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-    return join_world(shape, cfg.model, device, resolve_dtype(cfg.dtype, device)), device
-
-
 def metrics_lag(device: torch.device) -> int:
     """Steps by which metrics are read behind the step that made them (1 on CUDA, 0 elsewhere)."""
     return 1 if device.type == "cuda" else 0
@@ -199,7 +179,15 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
     device = resolve_device(cfg.device)
     if cfg.resume and cfg.run_dir is None:
         raise ConfigError("--resume needs --run-dir: the run directory to resume")
-    world, device = _start_world(cfg, device)
+    world, device = start_world(
+        cfg.parallel,
+        cfg.model,
+        device,
+        resolve_dtype(cfg.dtype, device),
+        global_batch=cfg.global_batch_size,
+        micro_batch=cfg.micro_batch,
+        seq_len=cfg.data.seq_len,
+    )
     # A rank that fails leaves its group as it is: the launcher, or the others' collective timeout,
     # ends the rest. Only a run that finished everywhere tears the group down.
     run_dir = _train(cfg, device, world, progress=progress and (world is None or world.is_coordinator))

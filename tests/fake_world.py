@@ -36,7 +36,9 @@ def main() -> None:
     def local_bytes(tree) -> int:
         return sum(math.prod(t.to_local().shape) * t.element_size() for t in flatten(tree).values())
 
-    print(orjson.dumps({"parameters": local_bytes(params), "optimizer_moments": local_bytes(moments)}).decode())
+    print(
+        orjson.dumps({"parameters": local_bytes(params), "optimizer_moments": local_bytes(moments)}).decode()
+    )
 
 
 if __name__ == "__main__":

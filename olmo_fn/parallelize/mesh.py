@@ -29,10 +29,15 @@ def launched_world() -> tuple[int, int, int]:
     return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def under_launcher() -> bool:
+    """Whether a launcher started this process: more than one process, or torchrun even with one."""
+    return launched_world()[1] > 1 or "TORCHELASTIC_RUN_ID" in os.environ
+
+
 def start_process_group(device: torch.device) -> None:
-    """Join the launcher's process group (no-op for one process or when already joined)."""
+    """Join the launcher's process group (no-op when already joined)."""
     rank, world, local_rank = launched_world()
-    if world == 1 or dist.is_initialized():
+    if dist.is_initialized():
         return
     if device.type == "cuda":
         torch.cuda.set_device(local_rank)

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from olmo_fn.errors import ConfigError
 from olmo_fn.graph.config import ModelConfig
 from olmo_fn.graph.param_tree import param_shapes
-from olmo_fn.parallelize.mesh import Layout, build_mesh, launched_world, start_process_group
+from olmo_fn.parallelize.mesh import Layout, build_mesh, launched_world, start_process_group, under_launcher
 from olmo_fn.parallelize.parallel_config import (
     MeshShape,
     ParallelConfig,
@@ -78,6 +78,30 @@ class World:
 
     def barrier(self) -> None:
         dist.barrier()
+
+
+def start_world(
+    parallel: ParallelConfig,
+    model: ModelConfig,
+    device: torch.device,
+    compute_dtype: torch.dtype,
+    *,
+    global_batch: int,
+    micro_batch: int,
+    seq_len: int,
+) -> tuple[World | None, torch.device]:
+    """Check `parallel` against the launcher's world size (before any process group starts), then join
+    the world: under a launcher, even of one process (a 1-rank plan, e.g. to measure its overhead).
+    Without a launcher: (None, device), and nothing is started. Returns the device this rank uses."""
+    _, world_size, local_rank = launched_world()
+    shape = plan_world(
+        parallel, model, world=world_size, global_batch=global_batch, micro_batch=micro_batch, seq_len=seq_len
+    )
+    if not under_launcher():
+        return None, device
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+    return join_world(shape, model, device, compute_dtype), device
 
 
 def join_world(

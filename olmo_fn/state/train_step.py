@@ -81,7 +81,10 @@ def make_loss_sums_fn(settings: StepSettings, sharding: Sharding | None = None) 
     else:
         block_fn = compile_block(block_for(cfg)) if settings.compile else block_for(cfg)
     if sharding is not None:
-        block_fn = gathering_block(block_fn, sharding)
+        # Resharding after forward saves memory only where parameters are sharded over data-parallel
+        # ranks; a compiled block is gathered outside its graph and keeps its weights.
+        reshard = sharding.layout.shape.dp_shard > 1 and not settings.compile
+        block_fn = gathering_block(block_fn, sharding, reshard_after_forward=reshard)
     model_loss_sums = loss_sums if tp is None else functools.partial(tp_loss_sums, tp=tp)
 
     def sums(params: TensorDict, mb: Batch):
