@@ -148,7 +148,11 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     rank 0 prints them)."""
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    compiled = resolve_compile(cfg.compile, device)
+    if cfg.compile == "on" and cfg.parallel.tp > 1:
+        raise ConfigError(
+            "compile=on with parallel.tp > 1 is not supported yet (compile=auto runs TP eagerly)"
+        )
+    compiled = resolve_compile(cfg.compile, device) and cfg.parallel.tp == 1
     batch_rows = cfg.micro_batch_size * cfg.grad_accum  # per data-parallel rank
     world, device = start_world(
         cfg.parallel,

@@ -179,6 +179,10 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
     device = resolve_device(cfg.device)
     if cfg.resume and cfg.run_dir is None:
         raise ConfigError("--resume needs --run-dir: the run directory to resume")
+    if cfg.compile == "on" and cfg.parallel.tp > 1:
+        raise ConfigError(
+            "compile=on with parallel.tp > 1 is not supported yet (compile=auto runs TP eagerly)"
+        )
     world, device = start_world(
         cfg.parallel,
         cfg.model,
@@ -240,7 +244,7 @@ def _train(cfg: TrainConfig, device: torch.device, world: World | None, *, progr
         max_grad_norm=cfg.max_grad_norm,
         attention_backend=cfg.attention_backend,
         document_masking=cfg.document_masking,
-        compile=resolve_compile(cfg.compile, device),
+        compile=resolve_compile(cfg.compile, device) and cfg.parallel.tp == 1,
     )
     sharding = world.sharding if world is not None else None
     step_fn = make_train_step(settings, sharding)

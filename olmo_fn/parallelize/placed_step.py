@@ -25,6 +25,7 @@ from tensordict import TensorDict
 from torch.distributed.tensor import DTensor, Shard
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from olmo_fn.errors import ConfigError
 from olmo_fn.graph.model import BlockFn
 from olmo_fn.parallelize.compute_layout import tree_to_compute
 from olmo_fn.parallelize.mesh import Layout
@@ -46,16 +47,29 @@ class Sharding:
         return cls(plan, layout, plan.rules_by_path(paths))
 
     @functools.cached_property
+    def block_rules(self) -> dict[str, Rule]:
+        """The rules of one block by path inside it (every block has the same), shared by all blocks:
+        a compiled block function then sees the same arguments for every layer and compiles once."""
+        first = {p.removeprefix("blocks.0."): r for p, r in self.rules.items() if p.startswith("blocks.0.")}
+        for path, rule in self.rules.items():
+            if path.startswith("blocks."):
+                inner = path.split(".", 2)[2]
+                if first.get(inner) != rule:
+                    raise ConfigError(f"plan: {path} is placed unlike the same parameter of block 0")
+        return first
+
+    @functools.cached_property
     def tp(self) -> TpGroup:
         return TpGroup(self.layout.tp_group, self.layout.tp_rank, self.layout.shape.tp)
 
 
 @dataclasses.dataclass(frozen=True)
 class _StoredBlock:
-    """One ``blocks.{i}`` subtree as stored; the block function gathers it when it runs."""
+    """One ``blocks.{i}`` subtree as stored, with the (shared) rules of its parameters; the block
+    function gathers it when it runs."""
 
     tree: Mapping[str, Any]
-    prefix: str
+    rules: Mapping[str, Rule]
 
 
 def model_view(params: TensorDict, sharding: Sharding) -> dict[str, Any]:
@@ -64,7 +78,7 @@ def model_view(params: TensorDict, sharding: Sharding) -> dict[str, Any]:
     keys = list(params.keys())  # a TensorDict iterates only through keys()
     view = tree_to_compute({k: params[k] for k in keys if k != "blocks"}, "", sharding.plan, sharding.rules)
     blocks = params["blocks"]
-    view["blocks"] = {key: _StoredBlock(blocks[key], f"blocks.{key}.") for key in list(blocks.keys())}
+    view["blocks"] = {key: _StoredBlock(blocks[key], sharding.block_rules) for key in list(blocks.keys())}
     return view
 
 
@@ -78,7 +92,7 @@ def gathering_block(block_fn: BlockFn, sharding: Sharding, *, reshard_after_forw
     """
 
     def gather_and_run(stored: _StoredBlock, x, rope, mask, cfg):
-        params = tree_to_compute(stored.tree, stored.prefix, sharding.plan, sharding.rules)
+        params = tree_to_compute(stored.tree, "", sharding.plan, stored.rules)
         return block_fn(params, x, rope, mask, cfg)
 
     if not reshard_after_forward:

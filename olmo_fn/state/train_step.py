@@ -9,6 +9,7 @@ from collections.abc import Callable
 import torch
 from tensordict import TensorDict
 
+from olmo_fn.errors import ConfigError
 from olmo_fn.graph.block import block_for
 from olmo_fn.graph.config import ModelConfig
 from olmo_fn.graph.model import AttentionBackend, loss_sums
@@ -76,15 +77,22 @@ def make_loss_sums_fn(settings: StepSettings, sharding: Sharding | None = None) 
     this rank's share of the rows: the sums are this share's, not yet summed over ranks)."""
     cfg = settings.model
     tp = sharding.tp if sharding is not None and sharding.layout.shape.tp > 1 else None
-    if tp is not None:
-        block_fn = tp_block_fn(cfg, tp)
-    else:
+    if tp is not None and settings.compile:
+        raise ConfigError("compile with tensor parallelism (parallel.tp > 1) is not supported yet")
+    if sharding is None:
         block_fn = compile_block(block_for(cfg)) if settings.compile else block_for(cfg)
-    if sharding is not None:
+    else:
         # Resharding after forward saves memory only where parameters are sharded over data-parallel
-        # ranks; a compiled block is gathered outside its graph and keeps its weights.
+        # ranks. Compiled, the block gathers its own parameters inside its graph (the compiler sees
+        # the all-gather, and the reduce-scatter of the backward) and keeps them for backward.
         reshard = sharding.layout.shape.dp_shard > 1 and not settings.compile
-        block_fn = gathering_block(block_fn, sharding, reshard_after_forward=reshard)
+        block_fn = gathering_block(
+            tp_block_fn(cfg, tp) if tp is not None else block_for(cfg),
+            sharding,
+            reshard_after_forward=reshard,
+        )
+        if settings.compile:
+            block_fn = compile_block(block_fn)
     model_loss_sums = loss_sums if tp is None else functools.partial(tp_loss_sums, tp=tp)
 
     def sums(params: TensorDict, mb: Batch):
