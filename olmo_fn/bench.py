@@ -148,22 +148,18 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     rank 0 prints them)."""
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    if cfg.compile == "on" and cfg.parallel.tp > 1:
-        raise ConfigError(
-            "compile=on with parallel.tp > 1 is not supported yet (compile=auto runs TP eagerly)"
-        )
-    compiled = resolve_compile(cfg.compile, device) and cfg.parallel.tp == 1
+    compiled = resolve_compile(cfg.compile, device, tensor_parallel=cfg.parallel.tp > 1)
     batch_rows = cfg.micro_batch_size * cfg.grad_accum  # per data-parallel rank
+    dp = resolve_mesh_shape(cfg.parallel, launched_world()[1]).dp
     world, device = start_world(
         cfg.parallel,
         cfg.model,
         device,
         dtype,
-        global_batch=batch_rows * resolve_mesh_shape(cfg.parallel, launched_world()[1]).dp,
+        global_batch=batch_rows * dp,
         micro_batch=cfg.micro_batch_size,
         seq_len=cfg.seq_len,
     )
-    dp = world.shape.dp if world is not None else 1
     settings = StepSettings(
         model=cfg.model,
         optim=cfg.optim,

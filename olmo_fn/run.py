@@ -237,6 +237,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as exc:  # under a process group: a collective whose peer stopped, hung or vanished
+        if debug or not dist.is_initialized():
+            raise
+        reason = [line for line in str(exc).splitlines() if line.strip()][-1:] or [type(exc).__name__]
+        _print_error(f"a collective failed: another rank stopped, hung or cannot be reached ({reason[0]})")
+        return 2
     return 0
 
 

@@ -33,8 +33,16 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def resolve_compile(choice: str, device: torch.device) -> bool:
-    """ "auto" -> compile on CUDA only (on CPU a cold compile costs more than a short run gains)."""
+def resolve_compile(choice: str, device: torch.device, *, tensor_parallel: bool = False) -> bool:
+    """ "auto" -> compile on CUDA only (on CPU a cold compile costs more than a short run gains).
+
+    Tensor-parallel blocks are not compiled yet: "auto" leaves them eager, "on" is refused."""
+    if tensor_parallel:
+        if choice == "on":
+            raise ConfigError(
+                "compile=on with parallel.tp > 1 is not supported yet (compile=auto runs TP eagerly)"
+            )
+        return False
     return device.type == "cuda" if choice == "auto" else choice == "on"
 
 

@@ -104,7 +104,7 @@ def start_state(
 
 def _prepare_run_dir(
     cfg: TrainConfig, run_dir: Path, state: TrainState, start: RunStart, differences: list[str], verbose: bool
-) -> TrainState:
+) -> None:
     """Write what the run starts with: the directory, config.json, the tokenizer copy; on resume, drop
     what the interrupted attempt wrote after its checkpoint."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -128,15 +128,8 @@ def _prepare_run_dir(
                 verbose,
                 f"  checkpoint written by {dict(state.versions)}, continuing with {current_versions()}",
             )
-        state = dataclasses.replace(
-            state,
-            config=config_to_dict(cfg),
-            config_fingerprint=config_fingerprint(cfg),
-            versions=current_versions(),
-        )
     keep_tokenizer(run_dir, cfg.data.tokenizer)
     write_json(run_dir / "config.json", config_to_dict(cfg))
-    return state
 
 
 def _with_run_tokenizer(cfg: TrainConfig, run_dir: Path) -> TrainConfig:
@@ -179,10 +172,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
     device = resolve_device(cfg.device)
     if cfg.resume and cfg.run_dir is None:
         raise ConfigError("--resume needs --run-dir: the run directory to resume")
-    if cfg.compile == "on" and cfg.parallel.tp > 1:
-        raise ConfigError(
-            "compile=on with parallel.tp > 1 is not supported yet (compile=auto runs TP eagerly)"
-        )
+    compiled = resolve_compile(cfg.compile, device, tensor_parallel=cfg.parallel.tp > 1)
     world, device = start_world(
         cfg.parallel,
         cfg.model,
@@ -194,14 +184,17 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
     )
     # A rank that fails leaves its group as it is: the launcher, or the others' collective timeout,
     # ends the rest. Only a run that finished everywhere tears the group down.
-    run_dir = _train(cfg, device, world, progress=progress and (world is None or world.is_coordinator))
+    coordinator = world is None or world.is_coordinator
+    run_dir = _train(cfg, device, world, compiled=compiled, progress=progress and coordinator)
     if world is not None:
         world.barrier()
         dist.destroy_process_group()
     return run_dir
 
 
-def _train(cfg: TrainConfig, device: torch.device, world: World | None, *, progress: bool) -> Path:
+def _train(
+    cfg: TrainConfig, device: torch.device, world: World | None, *, compiled: bool, progress: bool
+) -> Path:
     coordinator = world is None or world.is_coordinator
     threads = None
     if device.type == "cpu":
@@ -219,14 +212,14 @@ def _train(cfg: TrainConfig, device: torch.device, world: World | None, *, progr
     eval_data = open_eval_data(cfg.eval, cfg.data, cfg.model.vocab_size)
     state, start, differences = start_state(cfg, run_dir, device, data, world)
     if coordinator:
-        state = _prepare_run_dir(cfg, run_dir, state, start, differences, progress)
-    else:
-        state = dataclasses.replace(
-            state,
-            config=config_to_dict(cfg),
-            config_fingerprint=config_fingerprint(cfg),
-            versions=current_versions(),
-        )
+        _prepare_run_dir(cfg, run_dir, state, start, differences, progress)
+    # From here the state carries this command's config and software (a resumed one, the checkpoint's).
+    state = dataclasses.replace(
+        state,
+        config=config_to_dict(cfg),
+        config_fingerprint=config_fingerprint(cfg),
+        versions=current_versions(),
+    )
     if world is not None:
         world.barrier()  # the run directory is ready before any rank writes checkpoint shards into it
     if state.step >= cfg.steps:
@@ -244,7 +237,7 @@ def _train(cfg: TrainConfig, device: torch.device, world: World | None, *, progr
         max_grad_norm=cfg.max_grad_norm,
         attention_backend=cfg.attention_backend,
         document_masking=cfg.document_masking,
-        compile=resolve_compile(cfg.compile, device) and cfg.parallel.tp == 1,
+        compile=compiled,
     )
     sharding = world.sharding if world is not None else None
     step_fn = make_train_step(settings, sharding)

@@ -1,6 +1,7 @@
 """Run `python -m olmo_fn.run train ...` and SIGKILL the process at a chosen moment (a test helper).
 
 python tests/crash_train.py after-step K  -- train ARGS...   # killed right after step K's update
+python tests/crash_train.py hang-after-step K -- train ARGS... # stops answering after step K (a hung rank)
 python tests/crash_train.py in-save K     -- train ARGS...   # killed while checkpoint step K is
                                                              # written: DCP files on disk, no
                                                              # manifest, not renamed into place
@@ -14,11 +15,17 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 
 
 def die() -> None:
     if os.environ.get("CRASH_RANK", os.environ.get("RANK", "0")) == os.environ.get("RANK", "0"):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def hang() -> None:
+    if os.environ.get("CRASH_RANK", os.environ.get("RANK", "0")) == os.environ.get("RANK", "0"):
+        time.sleep(3600)
 
 
 def main() -> None:
@@ -33,6 +40,8 @@ def main() -> None:
 
     if mode == "after-step":
         stop_after_step(train, when, die)
+    elif mode == "hang-after-step":
+        stop_after_step(train, when, hang)
     elif mode == "in-save":
         write_manifest = checkpoint.write_manifest
 

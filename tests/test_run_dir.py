@@ -5,7 +5,6 @@ annealing decays from the checkpoint's step, and a full or read-only disk is one
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import re
 import shutil
 import subprocess
@@ -21,9 +20,7 @@ from olmo_fn.config import TrainConfig
 from olmo_fn.errors import ConfigError
 from olmo_fn.io.metrics_log import read_metrics
 from olmo_fn.run import main, parse
-from olmo_fn.state.checkpoint_writer import CheckpointConfig, CheckpointWriter
-from olmo_fn.state.schedule import ScheduleConfig
-from olmo_fn.train import train
+from olmo_fn.state.checkpoint_writer import CheckpointWriter
 
 from faults import stop_after_step
 from outcomes import last_error_line, one_error_line, snapshot
@@ -267,19 +264,7 @@ def test_a_checkpoint_lands_after_the_metrics_of_its_steps(tmp_path, monkeypatch
             raise KeyboardInterrupt  # as abrupt as a kill: nothing after the save runs
 
     monkeypatch.setattr(CheckpointWriter, "save", save_then_die)
-    cfg = TrainConfig(
-        model=dataclasses.replace(
-            TrainConfig().model, d_model=32, n_layers=1, n_heads=2, n_kv_heads=2, mlp_hidden=64
-        ),
-        steps=4,
-        global_batch_size=2,
-        schedule=ScheduleConfig(warmup_steps=1),
-        checkpoint=CheckpointConfig(interval=2),
-        run_dir=str(tmp_path / "run"),
-    )
-    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seq_len=32))
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, progress=False)
+    assert main(tiny(tmp_path / "run")) == 130
     assert steps_logged(tmp_path / "run") == [1, 2]
 
 

@@ -150,3 +150,35 @@ def test_a_killed_rank_stops_the_run_and_the_same_command_resumes_exactly(tmp_pa
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stderr
     assert losses(run_dir) == losses(reference)
+
+
+def test_a_hung_rank_fails_the_others_after_the_collective_timeout(tmp_path, isolated_cache):
+    """Without torchrun to notice (e.g. srun starting every rank), a rank that stops answering makes the
+    others fail after --parallel.collective-timeout-s with one line each, instead of waiting forever."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = ["train", *ARGS[:-2], "--steps", "8", "--threads", "1", "--parallel.collective-timeout-s", "5"]
+    args += ["--run-dir", str(tmp_path / "run")]
+    ranks = []
+    for rank in (0, 1):
+        env = {
+            **os.environ, "OLMO_FN_CACHE": str(isolated_cache), "WORLD_SIZE": "2", "RANK": str(rank),
+            "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "CRASH_RANK": "1",
+        }  # fmt: skip
+        command = [sys.executable, str(HERE / "crash_train.py"), "hang-after-step", "2", "--", *args]
+        ranks.append(subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True))
+    started = time.monotonic()
+    try:
+        _, err = ranks[0].communicate(timeout=120)
+        assert ranks[0].returncode == 2 and time.monotonic() - started < 60
+        assert ranks[1].poll() is None  # still hung: only the timeout ended rank 0
+    finally:
+        for proc in ranks:
+            proc.kill()
+            proc.communicate()
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in err
+    assert errors[0].startswith("error: rank 0: a collective failed") and "Timed out" in errors[0]

@@ -145,3 +145,16 @@ def test_bench_help_describes_every_option(capsys):
 def test_either_spelling_works_in_both_commands(alias, canonical):
     assert parse(alias) == parse(canonical)
     assert parse(alias) != parse(canonical[:1])  # the options did change something
+
+
+def test_compile_on_with_tensor_parallel_is_refused(tmp_path, capsys):
+    import torch
+
+    from olmo_fn.runtime import resolve_compile
+
+    run_dir = tmp_path / "run"
+    assert main(["train", "--compile", "on", "--parallel.tp", "2", "--run-dir", str(run_dir)]) == 2
+    assert "compile=on with parallel.tp > 1 is not supported yet" in one_error_line(capsys.readouterr().err)
+    assert not run_dir.exists()
+    assert resolve_compile("auto", torch.device("cuda"), tensor_parallel=True) is False  # auto: eager TP
+    assert resolve_compile("auto", torch.device("cuda")) is True

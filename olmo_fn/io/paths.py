@@ -1,4 +1,5 @@
-"""Turning user-given file patterns into paths."""
+"""Turning user-given file patterns into paths, and file names read from files into paths that stay
+inside their directory."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import glob
 import os
 from pathlib import Path
 
-from olmo_fn.errors import DataError
+from olmo_fn.errors import CheckpointError, DataError
 
 
 def expand_paths(patterns: tuple[str, ...], where: str = "data.paths") -> list[Path]:
@@ -34,8 +35,6 @@ def contained_path(directory: str | Path, name: object, where: str, *, follow_li
     directory by its owner are allowed (a Hugging Face hub cache links every file into ``blobs/``).
     Raises `CheckpointError` naming `where` and the offending name.
     """
-    from olmo_fn.errors import CheckpointError
-
     if not isinstance(name, str) or not name or "\x00" in name:
         raise CheckpointError(f"{where}: names {name!r}, which is not a file name")
     directory = Path(directory)

@@ -2,8 +2,8 @@
 
 A run is multi-process when a launcher (torchrun, or Slurm through torchrun) sets ``WORLD_SIZE`` > 1;
 then `start_process_group` joins the group (gloo on CPU, NCCL on CUDA) with a collective timeout, so
-a rank that dies makes the others fail within about a minute instead of hanging. One process with no
-launcher starts no group at all.
+a rank that hangs or dies unseen makes the others fail instead of waiting forever. One process with
+no launcher starts no group at all.
 """
 
 from __future__ import annotations
@@ -19,9 +19,6 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from olmo_fn.parallelize.parallel_config import AXES, MeshShape
 
-COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=45)
-"""How long a collective waits for a missing rank before it fails (and the run with it)."""
-
 
 def launched_world() -> tuple[int, int, int]:
     """(rank, world size, local rank) from the launcher's environment; (0, 1, 0) without one."""
@@ -34,15 +31,17 @@ def under_launcher() -> bool:
     return launched_world()[1] > 1 or "TORCHELASTIC_RUN_ID" in os.environ
 
 
-def start_process_group(device: torch.device) -> None:
-    """Join the launcher's process group (no-op when already joined)."""
+def start_process_group(device: torch.device, timeout_s: float) -> None:
+    """Join the launcher's process group (no-op when already joined); a collective that waits more than
+    `timeout_s` for another rank fails."""
     rank, world, local_rank = launched_world()
     if dist.is_initialized():
         return
     if device.type == "cuda":
         torch.cuda.set_device(local_rank)
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT)
+    timeout = datetime.timedelta(seconds=timeout_s)
+    dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout)
 
 
 def build_mesh(shape: MeshShape, device: torch.device) -> DeviceMesh:

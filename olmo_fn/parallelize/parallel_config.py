@@ -29,11 +29,18 @@ class ParallelConfig:
     tp: int = 1
     """Tensor-parallel ranks: attention heads, MLP hidden units and the vocabulary are split across them,
     and the sequence between the matmuls (sequence parallel)."""
+    collective_timeout_s: float = 600.0
+    """How long a collective waits for a rank that does not come (hung, or gone without the launcher
+    noticing) before it fails, and the run with it. torchrun stops every rank within seconds of one
+    exiting; this bounds the cases it cannot see. Rank 0 alone does some slow work (checksums of a
+    synchronous checkpoint, pruning) while the others wait: keep it well above that."""
 
     def __post_init__(self) -> None:
         for name in ("dp_replicate", "tp"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"parallel.{name}={getattr(self, name)} must be >= 1")
+        if not self.collective_timeout_s > 0:
+            raise ConfigError(f"parallel.collective_timeout_s={self.collective_timeout_s} must be > 0")
         if self.dp_shard < 1 and self.dp_shard != -1:
             raise ConfigError(
                 f"parallel.dp_shard={self.dp_shard} must be >= 1, or -1 for the rest of the world"

@@ -4,8 +4,8 @@
 where placement matters:
 
 - the model's view of the parameters: each block's stored shards are gathered to their compute
-  layout just before the block runs (so about one block's full weights are live at a time, and the
-  next block's gather can be in flight meanwhile), the embedding and LM head around the blocks;
+  layout just before the block runs (so about one block's full weights are live at a time; the gather
+  is not issued ahead of the block), the embedding and LM head around the blocks;
 - sums over the data-parallel ranks (target counts, loss sums for the metrics);
 - the global gradient norm, over every shard once;
 - the optimizer, which updates each rank's local shards in place (moments are sharded like their

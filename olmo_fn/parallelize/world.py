@@ -101,14 +101,20 @@ def start_world(
         return None, device
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
-    return join_world(shape, model, device, compute_dtype), device
+    return join_world(shape, model, device, compute_dtype, timeout_s=parallel.collective_timeout_s), device
 
 
 def join_world(
-    shape: MeshShape, model: ModelConfig, device: torch.device, compute_dtype: torch.dtype
+    shape: MeshShape,
+    model: ModelConfig,
+    device: torch.device,
+    compute_dtype: torch.dtype,
+    *,
+    timeout_s: float,
 ) -> World:
-    """Start (or join) the launcher's process group and build the mesh and the default plan."""
-    start_process_group(device)
+    """Start (or join) the launcher's process group (collectives failing after `timeout_s`) and build the
+    mesh and the default plan."""
+    start_process_group(device, timeout_s)
     rank, size, _ = launched_world()
     layout = Layout(build_mesh(shape, device), shape)
     plan = default_plan(model, shape, compute_dtype=compute_dtype)

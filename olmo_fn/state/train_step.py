@@ -140,7 +140,10 @@ def make_gradient_fn(settings: StepSettings, sharding: Sharding | None = None) -
         for mb in batch.split(settings.micro_batch_size):
             loss, ce_sum, z_sum = objective(params, mb, n_targets)
             mb_grads = torch.autograd.grad(loss, leaves)
-            grads = list(mb_grads) if grads is None else [a + b for a, b in zip(grads, mb_grads, strict=True)]
+            if grads is None:
+                grads = list(mb_grads)
+            else:  # in place, one multi-tensor kernel (DTensor gradients of equal placements too)
+                torch._foreach_add_(grads, mb_grads)
             ce_sums.append(ce_sum)
             z_sums.append(z_sum)
         return Gradients(

@@ -154,7 +154,39 @@ def _norm_gradients_not_summed_over_tp():
     return lambda: setattr(plan.Rule, "grad_placements", real)
 
 
+def _data_parallel_gradients_not_summed():
+    """Each data-parallel rank's gradient taken as the whole one (no reduction over dp axes)."""
+    from torch.distributed.tensor import Partial, Replicate
+
+    import olmo_fn.parallelize.plan as plan
+
+    real = plan.Rule.grad_placements
+    plan.Rule.grad_placements = property(
+        lambda rule: (Replicate(), Replicate(), rule.tp if rule.tp != Replicate() else Partial())
+    )
+    return lambda: setattr(plan.Rule, "grad_placements", real)
+
+
+def _gradient_norm_counting_copies():
+    """The global gradient norm summed over every rank, replicated copies counted again."""
+    import torch.distributed as dist
+
+    import olmo_fn.state.train_step as train_step
+
+    real = train_step.global_grad_norm
+
+    def counting_copies(grads, sharding):
+        squares = sum(g.to_local().double().pow(2).sum() for g in grads)
+        dist.all_reduce(squares)
+        return squares.sqrt()
+
+    train_step.global_grad_norm = counting_copies
+    return lambda: setattr(train_step, "global_grad_norm", real)
+
+
 SABOTAGE = {
+    "data_parallel_grads_not_summed": _data_parallel_gradients_not_summed,
+    "grad_norm_counts_copies": _gradient_norm_counting_copies,
     "missing_qk_norm_reduction": _missing_qk_norm_reduction,
     "norm_grads_not_summed": _norm_gradients_not_summed_over_tp,
 }

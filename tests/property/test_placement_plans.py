@@ -10,8 +10,6 @@ The `nightly` hypothesis profile runs many more examples.
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 from hypothesis import given, settings
 
@@ -39,8 +37,8 @@ def test_plans_on_four_ranks_equal_one_process(pools, case):
     check(pools(4), case)
 
 
-def _tp_case(**model_changes) -> Case:
-    """A fixed example under TP 2 with QK-norm and the OLMo 2 block."""
+def _fixed_case(shape: MeshShape) -> Case:
+    """A fixed example with QK-norm and the OLMo 2 block, under `shape`."""
     import numpy as np
     import torch
 
@@ -48,22 +46,28 @@ def _tp_case(**model_changes) -> Case:
     from olmo_fn.state.schedule import ScheduleConfig
     from olmo_fn.state.train_step import StepSettings
 
-    model = dataclasses.replace(
-        ModelConfig(d_model=8, n_layers=1, n_heads=2, n_kv_heads=2, mlp_hidden=4, vocab_size=12),
-        **model_changes,
-    )
+    model = ModelConfig(d_model=8, n_layers=1, n_heads=2, n_kv_heads=2, mlp_hidden=4, vocab_size=12)
     settings_ = StepSettings(
         model, AdamWConfig(lr=1e-2), ScheduleConfig(warmup_steps=1), STEPS, 2, torch.float64
     )
     gen = np.random.default_rng(0)
     tokens = tuple(gen.integers(0, 12, (2, 6)) for _ in range(STEPS))
-    return Case(model, settings_, tokens, 0, MeshShape(1, 1, 2), seed=3)
+    return Case(model, settings_, tokens, 0, shape, seed=3)
 
 
-@pytest.mark.parametrize("sabotage", ["missing_qk_norm_reduction", "norm_grads_not_summed"])
-def test_the_property_catches_a_missing_reduction(pools, sabotage):
-    """Negative control: the same example passes as built and fails with one reduction left out."""
-    case = _tp_case()
+@pytest.mark.parametrize(
+    ("sabotage", "shape"),
+    [
+        ("missing_qk_norm_reduction", MeshShape(1, 1, 2)),  # TP: QK-norm statistic's gradient
+        ("norm_grads_not_summed", MeshShape(1, 1, 2)),  # TP + SP: norm weights see a slice each
+        ("data_parallel_grads_not_summed", MeshShape(1, 2, 1)),  # FSDP: each rank's own data
+        ("grad_norm_counts_copies", MeshShape(1, 1, 2)),  # clipping by a norm counting replicas twice
+    ],
+)
+def test_the_property_catches_a_missing_reduction(pools, sabotage, shape):
+    """Negative control: the same example passes as built and fails with one reduction left out (or
+    done once too often)."""
+    case = _fixed_case(shape)
     check(pools(2), case)
     with pytest.raises(AssertionError, match="Not equal to tolerance"):
         check(pools(2), case, sabotage)
