@@ -18,7 +18,7 @@ from olmo_fn.io.loader import DataConfig, token_file_dtype
 from olmo_fn.io.paths import expand_paths
 from olmo_fn.io.stdlib_corpus import stdlib_token_file
 from olmo_fn.io.text_tokenizer import open_tokenizer_json
-from olmo_fn.parallelize.placed_step import Sharding
+from olmo_fn.parallelize.placed_step import Sharding, context_parallel_sum
 from olmo_fn.state.train_step import StepSettings, make_loss_sums_fn
 
 
@@ -106,13 +106,21 @@ def evaluate(
     """``eval/NAME/loss`` (mean cross-entropy, nats), ``.../bpb`` (bits per byte), ``.../tokens``.
 
     With a `sharding` (collective): every rank evaluates every batch with its placed parameters, so
-    each has the whole result (simple, and the eval set is small next to training)."""
+    each has the whole result (simple, and the eval set is small next to training); context-parallel
+    ranks add up their slices."""
     ce_total, targets, n_bytes = 0.0, 0, 0
     # Eager: the eval batch shape differs from training's, and a compiled block would compile again.
-    loss_sums = make_loss_sums_fn(dataclasses.replace(settings, compile=False), sharding)
+    eager = dataclasses.replace(settings, compile=False)
+    if sharding is not None and sharding.pipeline is not None:
+        from olmo_fn.state.pipeline_step import make_pipeline_loss_sums_fn
+
+        loss_sums = make_pipeline_loss_sums_fn(eager, sharding)
+    else:
+        loss_sums = make_loss_sums_fn(eager, sharding)
     for batch in eval_data.batches:
         batch = batch.to(device)
         ce_sum, _, n = loss_sums(params, batch)
+        ce_sum, n = context_parallel_sum(ce_sum, sharding), context_parallel_sum(n, sharding)
         ce_total += float(ce_sum)
         targets += int(n)
         labels = batch.labels[batch.labels >= 0].cpu().numpy()

@@ -16,7 +16,8 @@ from olmo_fn.config import TrainConfig
 from olmo_fn.errors import ConfigError
 from olmo_fn.graph.config import ModelConfig
 from olmo_fn.graph.param_tree import param_shapes
-from olmo_fn.parallelize.parallel_config import MeshShape
+from olmo_fn.parallelize.parallel_config import MESH_AXES, MeshShape
+from olmo_fn.parallelize.pipeline_stages import rank_stages, stage_layers, stage_paths
 from olmo_fn.parallelize.plan import Plan, Rule, default_plan, plan_table
 from olmo_fn.parallelize.world import plan_world
 from olmo_fn.runtime import DTYPES
@@ -54,10 +55,10 @@ def local_shape(shape: tuple[int, ...], rule: Rule, mesh: MeshShape) -> tuple[in
     return tuple(local)
 
 
-def rank_bytes(model: ModelConfig, plan: Plan, mesh: MeshShape) -> dict[str, int]:
-    """Bytes rank 0 holds for parameters (fp32), gradients (fp32, placed like the parameters) and the
-    two AdamW moments, plus the largest block gathered to its compute layout."""
-    shapes = param_shapes(model)
+def rank_bytes(model: ModelConfig, plan: Plan, mesh: MeshShape, paths: list[str]) -> dict[str, int]:
+    """Bytes rank 0 of a stage holds for its `paths`: parameters (fp32), gradients (fp32, placed like
+    the parameters) and the two AdamW moments, plus the largest block gathered to its compute layout."""
+    shapes = {path: shape for path, shape in param_shapes(model).items() if path in set(paths)}
     rules = plan.rules_by_path(list(shapes))
     local = {path: math.prod(local_shape(shape, rules[path], mesh)) for path, shape in shapes.items()}
     params = 4 * sum(local.values())
@@ -80,20 +81,38 @@ def rank_bytes(model: ModelConfig, plan: Plan, mesh: MeshShape) -> dict[str, int
     }
 
 
-def activation_bytes(model: ModelConfig, mesh: MeshShape, micro_batch: int, seq_len: int) -> int:
-    """Estimate of what one micro-batch keeps for backward on one rank: every layer's saved
-    activations (sequence-parallel: split over tp) plus the fp32 logits and their gradient (split over
-    the vocabulary)."""
-    tokens = micro_batch * seq_len
-    layers = model.n_layers * ACTIVATION_BYTES_PER_TOKEN_PER_WIDTH * tokens * model.d_model // mesh.tp
-    logits = 2 * 4 * tokens * model.vocab_size // mesh.tp
-    return layers + logits
+def activation_bytes(
+    model: ModelConfig, mesh: MeshShape, micro_batch: int, seq_len: int, *, layers: int, head: bool
+) -> int:
+    """Estimate of what one micro-batch keeps for backward on one rank through `layers` layers: the
+    saved activations of its tokens (a context-parallel slice; sequence parallel: split over tp),
+    under context parallelism the keys and values gathered from the other slices (16 bits), and on
+    the last stage (`head`) the fp32 logits and their gradient (split over the vocabulary)."""
+    tokens = micro_batch * seq_len // mesh.cp
+    saved = layers * ACTIVATION_BYTES_PER_TOKEN_PER_WIDTH * tokens * model.d_model // mesh.tp
+    if mesh.cp > 1:
+        kv_width = 2 * model.n_kv_heads * model.d_head // mesh.tp
+        saved += layers * 2 * micro_batch * seq_len * kv_width
+    logits = 2 * 4 * tokens * model.vocab_size // mesh.tp if head else 0
+    return saved + logits
+
+
+def micro_batches_in_flight(schedule: str, pp: int, stages_per_rank: int, micro_batches: int) -> float:
+    """Estimate of how many micro-batches' activations the first pipeline rank holds at its peak, in
+    units of "all its layers" (a stage of an interleaved schedule holds 1 / stages_per_rank of them)."""
+    if pp == 1 or schedule in ("gpipe", "looped-bfs"):
+        return micro_batches if pp > 1 else 1
+    if schedule == "1f1b":
+        return min(micro_batches, pp)
+    warmup = (stages_per_rank - 1) * pp + 2 * (pp - 1) + 1  # stage forwards before the first backward
+    return min(micro_batches * stages_per_rank, warmup) / stages_per_rank
 
 
 def plan_report(cmd: PlanCommand) -> dict[str, Any]:
     """The figures `plan` prints (see the module docstring)."""
+    parallel = cmd.parallel
     shape = plan_world(
-        cmd.parallel,
+        parallel,
         cmd.model,
         world=cmd.world_size,
         global_batch=cmd.global_batch_size,
@@ -102,18 +121,53 @@ def plan_report(cmd: PlanCommand) -> dict[str, Any]:
     )
     compute = DTYPES["bfloat16"] if cmd.dtype == "auto" else DTYPES[cmd.dtype]  # auto: bf16 on GPUs
     plan = default_plan(cmd.model, shape, compute_dtype=compute)
-    per_rank_micro = min(cmd.micro_batch, cmd.global_batch_size // shape.dp)
-    held = rank_bytes(cmd.model, plan, shape)
-    held["activations_per_micro_batch"] = activation_bytes(cmd.model, shape, per_rank_micro, cmd.data.seq_len)
-    return {
+    rows = cmd.global_batch_size // shape.dp
+    per_rank_micro = min(cmd.micro_batch, rows)
+    per_rank = parallel.stages_per_rank
+    n_stages = shape.pp * per_rank
+    layers = stage_layers(cmd.model.n_layers, n_stages)
+    held: dict[str, int] | None = None
+    for pp_rank in range(shape.pp):  # the busiest pipeline rank
+        stages = rank_stages(pp_rank, shape.pp, per_rank, parallel.pp_schedule)
+        paths = [path for stage in stages for path in stage_paths(cmd.model, stage, n_stages)]
+        candidate = rank_bytes(cmd.model, plan.for_paths(paths), shape, paths)
+        in_flight = micro_batches_in_flight(parallel.pp_schedule, shape.pp, per_rank, rows // per_rank_micro)
+        n_layers = sum(len(layers[stage]) for stage in stages)
+        one = activation_bytes(
+            cmd.model,
+            shape,
+            per_rank_micro,
+            cmd.data.seq_len,
+            layers=n_layers,
+            head=n_stages - 1 in stages,
+        )
+        candidate["activations_in_flight"] = int(one * in_flight)
+        if held is None or sum(candidate.values()) > sum(held.values()):
+            held = candidate
+    assert held is not None
+    report = {
         "preset": cmd.preset,
         "world_size": shape.world,
-        "mesh": dict(zip(("dp_replicate", "dp_shard", "tp"), shape.sizes, strict=True)),
+        "mesh": dict(zip(MESH_AXES, shape.mesh_sizes, strict=True)),
         "micro_batch_per_rank": per_rank_micro,
         "bytes_per_rank": held,
         "total_bytes_per_rank": sum(held.values()),
         "table": plan_table(plan, cmd.model, shape),
     }
+    if shape.pp > 1:
+        report["pipeline"] = {
+            "schedule": parallel.pp_schedule,
+            "stages": [
+                {
+                    "stage": s,
+                    "rank": r,
+                    "layers": [layers[s].start, layers[s].stop - 1] if len(layers[s]) else [],
+                }
+                for r in range(shape.pp)
+                for s in rank_stages(r, shape.pp, per_rank, parallel.pp_schedule)
+            ],
+        }
+    return report
 
 
 def format_report(report: dict[str, Any], as_json: bool) -> str:
@@ -121,15 +175,28 @@ def format_report(report: dict[str, Any], as_json: bool) -> str:
         return orjson.dumps({k: v for k, v in report.items() if k != "table"}).decode()
     shape = " x ".join(f"{k} {v}" for k, v in report["mesh"].items())
     lines = [f"{report['preset']} on {report['world_size']} processes ({shape})", "", report["table"], ""]
+    if "pipeline" in report:
+        lines.append(f"pipeline stages ({report['pipeline']['schedule']}):")
+        for stage in sorted(report["pipeline"]["stages"], key=lambda s: s["stage"]):
+            first, last = stage["layers"] or (None, None)
+            held = f"layers {first}-{last}" if first is not None else "no layers"
+            extra = " + embedding" if stage["stage"] == 0 else ""
+            extra += (
+                " + LM head and loss"
+                if stage is max(report["pipeline"]["stages"], key=lambda s: s["stage"])
+                else ""
+            )
+            lines.append(f"  stage {stage['stage']} on pp rank {stage['rank']}: {held}{extra}")
+        lines.append("")
     names = {
         "parameters": "parameters (fp32)",
         "gradients": "gradients (fp32)",
         "optimizer_moments": "AdamW moments (fp32)",
         "gathered_block": "one block gathered",
-        "activations_per_micro_batch": f"activations ({report['micro_batch_per_rank']} rows, estimate)",
+        "activations_in_flight": f"activations ({report['micro_batch_per_rank']} rows/micro-batch, estimate)",
     }
-    lines.append("bytes per rank (rank 0 holds the largest shards):")
+    lines.append("bytes per rank (the busiest rank; its first shard holds the largest pieces):")
     for key, name in names.items():
-        lines.append(f"  {name:<34} {report['bytes_per_rank'][key] / 2**30:>10,.3f} GiB")
-    lines.append(f"  {'total':<34} {report['total_bytes_per_rank'] / 2**30:>10,.3f} GiB")
+        lines.append(f"  {name:<46} {report['bytes_per_rank'][key] / 2**30:>10,.3f} GiB")
+    lines.append(f"  {'total':<46} {report['total_bytes_per_rank'] / 2**30:>10,.3f} GiB")
     return "\n".join(lines)

@@ -173,6 +173,11 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
     if cfg.resume and cfg.run_dir is None:
         raise ConfigError("--resume needs --run-dir: the run directory to resume")
     compiled = resolve_compile(cfg.compile, device, tensor_parallel=cfg.parallel.tp > 1)
+    if cfg.parallel.pp > 1 and cfg.parallel.pp_schedule == "zbv" and cfg.eval.interval:
+        raise ConfigError(
+            "evaluation under parallel.pp_schedule=zbv is not supported (its V-shaped stages have no "
+            "forward-only schedule in torch): pass --eval.interval 0, or choose interleaved-zb"
+        )
     world, device = start_world(
         cfg.parallel,
         cfg.model,

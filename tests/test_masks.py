@@ -112,3 +112,43 @@ def test_flex_attention_with_windowed_block_mask_matches_reference(window, gen):
     torch.testing.assert_close(
         out.double(), ref.attend(q, k, v, ref.allowed(doc_ids, window)), atol=1e-5, rtol=1e-4
     )
+
+
+def _slice_allowed(doc_ids, window, q_index, kv_index):
+    """The brute-force mask's rows of the queries `q_index` and columns of the keys `kv_index`."""
+    return ref.allowed(doc_ids, window)[:, q_index][:, :, kv_index]
+
+
+@given(doc_ids_strategy(max_seq=24), st.sampled_from([1, 2, 3]), st.integers(0, 6), st.data())
+@settings(max_examples=60, deadline=None)
+def test_context_parallel_slice_mask_matches_brute_force(doc_ids, cp, window, data):
+    """A cp rank's mask (its head-and-tail queries against every rank's keys in gather order) is the
+    whole row's mask at those positions."""
+    from olmo_fn.parallelize.context_parallel import gathered_positions, slice_positions
+
+    seq = doc_ids.shape[1] - doc_ids.shape[1] % (2 * cp)
+    if seq == 0:
+        return
+    doc_ids = doc_ids[:, :seq]
+    rank = data.draw(st.integers(0, cp - 1))
+    q, kv = slice_positions(seq, cp, rank), gathered_positions(seq, cp)
+    got = document_causal_mask(doc_ids, window, q_index=q, kv_index=kv)[:, 0]
+    assert torch.equal(got, _slice_allowed(doc_ids, window, q, kv))
+
+
+@pytest.mark.parametrize("cp,window", [(2, 0), (2, 37), (4, 0)])
+def test_flex_attention_with_a_context_parallel_block_mask_matches_reference(cp, window, gen):
+    """FlexAttention forward (CPU) over a cp rank's queries and all keys, with the indexed BlockMask,
+    equals naive attention under the brute-force mask at those positions (chunks of 24 tokens: query
+    and key blocks of 16 straddle the chunk boundaries)."""
+    from olmo_fn.parallelize.context_parallel import gathered_positions, slice_positions
+
+    seq = 48 * cp
+    doc_ids = ref.random_doc_ids(2, seq, gen, p_boundary=0.03)
+    q_index, kv_index = slice_positions(seq, cp, cp - 1), gathered_positions(seq, cp)
+    q = torch.randn(2, 4, seq // cp, 8, generator=gen)
+    k, v = (torch.randn(2, 2, seq, 8, generator=gen) for _ in range(2))
+    mask = document_block_mask(doc_ids, block_size=16, window=window, q_index=q_index, kv_index=kv_index)
+    out = attend(q, k, v, mask)
+    allowed = _slice_allowed(doc_ids, window, q_index, kv_index)
+    torch.testing.assert_close(out.double(), ref.attend(q, k, v, allowed), atol=1e-5, rtol=1e-4)

@@ -74,7 +74,14 @@ def assert_follows(run_dir: Path, reference: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "flags", [["--parallel.dp-shard", "4"], ["--parallel.dp-replicate", "2"]], ids=["FSDP 4", "HSDP 2x2"]
+    "flags",
+    [
+        ["--parallel.dp-shard", "4"],
+        ["--parallel.dp-replicate", "2"],
+        ["--parallel.cp", "2"],
+        ["--parallel.pp", "2", "--micro-batch", "2"],
+    ],
+    ids=["FSDP 4", "HSDP 2x2", "CP 2 x FSDP 2", "PP 2 x FSDP 2"],
 )
 def test_four_processes_follow_one(one_process, tmp_path, isolated_cache, flags):
     run_dir = tmp_path / "run"

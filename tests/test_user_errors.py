@@ -158,3 +158,13 @@ def test_compile_on_with_tensor_parallel_is_refused(tmp_path, capsys):
     assert not run_dir.exists()
     assert resolve_compile("auto", torch.device("cuda"), tensor_parallel=True) is False  # auto: eager TP
     assert resolve_compile("auto", torch.device("cuda")) is True
+
+
+def test_evaluation_under_the_zbv_schedule_is_refused_before_anything_starts(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    argv = ["train", "--parallel.pp", "2", "--parallel.pp-schedule", "zbv", "--run-dir", str(run_dir)]
+    assert main(argv) == 2
+    assert "evaluation under parallel.pp_schedule=zbv is not supported" in one_error_line(
+        capsys.readouterr().err
+    )
+    assert not run_dir.exists()

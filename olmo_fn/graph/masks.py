@@ -13,53 +13,80 @@ tokens before it (0 = no window). Two forms of the same mask:
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 
-def document_causal_mask(doc_ids: torch.Tensor, window: int = 0) -> torch.Tensor:
-    """doc_ids: (batch, seq) int -> bool (batch, 1, seq, seq); True where query may attend to key."""
-    seq = doc_ids.shape[1]
-    same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]
-    visible = torch.ones(seq, seq, dtype=torch.bool, device=doc_ids.device).tril()
+def _indices(doc_ids: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    return torch.arange(doc_ids.shape[1], device=doc_ids.device) if index is None else index
+
+
+def document_causal_mask(
+    doc_ids: torch.Tensor,
+    window: int = 0,
+    q_index: torch.Tensor | None = None,
+    kv_index: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """doc_ids: (batch, seq) int -> bool (batch, 1, n_q, n_kv); True where query may attend to key.
+
+    q_index, kv_index: (n_q,), (n_kv,) int positions in the row of the queries and the keys, in the
+    order attention sees them (default ``0..seq-1``): a context-parallel slice of the queries, and the
+    keys gathered from every rank.
+    """
+    q = _indices(doc_ids, q_index)
+    kv = _indices(doc_ids, kv_index)
+    same_doc = doc_ids[:, q, None] == doc_ids[:, None, kv]
+    gap = q[:, None] - kv[None, :]
+    visible = gap >= 0
     if window:
-        visible = visible.triu(-(window - 1))
+        visible = visible & (gap < window)
     return (same_doc & visible)[:, None]
 
 
-def _block_ranges(doc_ids: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per block of `block_size` tokens: the smallest and largest document id, each (batch, n_blocks)."""
-    blocks = doc_ids.view(doc_ids.shape[0], -1, block_size)
+def _block_ranges(values: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per block of `block_size` entries along the last dim: the smallest and largest value."""
+    blocks = values.unflatten(-1, (-1, block_size))
     return blocks.amin(-1), blocks.amax(-1)
 
 
-def document_block_mask(doc_ids: torch.Tensor, block_size: int = 128, window: int = 0):
-    """A FlexAttention BlockMask equal to `document_causal_mask(doc_ids, window)`.
+def _pad(values: torch.Tensor, pad: int) -> torch.Tensor:
+    """Repeat the last entry `pad` times along the last dim (padded positions are never attended)."""
+    return torch.cat([values, values[..., -1:].expand(*values.shape[:-1], pad)], -1) if pad else values
 
-    doc_ids: (batch, seq) int, non-decreasing along seq. A (query block i, key block j) pair is
-    *partial* (needs the per-token mask) when some of its pairs are allowed and *full* when all are:
-    j < i, both blocks inside one document, and (with a window) even the farthest pair within it.
-    Sequence lengths that are not a multiple of `block_size` are padded by repeating the last id;
-    padded positions are never attended.
+
+def document_block_mask(
+    doc_ids: torch.Tensor,
+    block_size: int = 128,
+    window: int = 0,
+    q_index: torch.Tensor | None = None,
+    kv_index: torch.Tensor | None = None,
+):
+    """A FlexAttention BlockMask equal to `document_causal_mask(doc_ids, window, q_index, kv_index)`.
+
+    doc_ids: (batch, seq) int, non-decreasing along seq. A (query block, key block) pair is *full*
+    when every pair in it is allowed: both blocks inside one document, every query at or after every
+    key, and (with a window) even the farthest pair within it; *partial* (the per-token mask decides)
+    when its document ranges overlap and its nearest pair is causal and within the window. Lengths
+    that are not a multiple of `block_size` are padded by repeating the last entry; padded positions
+    are never attended.
     """
     from torch.nn.attention.flex_attention import BlockMask
 
-    seq = doc_ids.shape[1]
-    pad = (-seq) % block_size
-    padded = F.pad(doc_ids, (0, pad), mode="replicate") if pad else doc_ids
-    lo, hi = _block_ranges(padded, block_size)
-    n_blocks = lo.shape[1]
-    q_lo, q_hi = lo[:, :, None], hi[:, :, None]
-    k_lo, k_hi = lo[:, None, :], hi[:, None, :]
-    block_idx = torch.arange(n_blocks, device=doc_ids.device)
-    below = block_idx[None, :, None] > block_idx[None, None, :]
-    diagonal = block_idx[None, :, None] == block_idx[None, None, :]
-    overlaps = (k_hi >= q_lo) & (k_lo <= q_hi)
-    full = below & (q_lo == q_hi) & (k_lo == k_hi) & (q_lo == k_lo)
+    indexed = q_index is not None or kv_index is not None
+    q_pos, kv_pos = _indices(doc_ids, q_index), _indices(doc_ids, kv_index)
+    n_q, n_kv = q_pos.shape[0], kv_pos.shape[0]
+    q_docs = _pad(doc_ids[:, q_pos], (-n_q) % block_size)
+    kv_docs = _pad(doc_ids[:, kv_pos], (-n_kv) % block_size)
+    q_pos, kv_pos = _pad(q_pos, (-n_q) % block_size), _pad(kv_pos, (-n_kv) % block_size)
+    q_doc_lo, q_doc_hi = (r[:, :, None] for r in _block_ranges(q_docs, block_size))
+    k_doc_lo, k_doc_hi = (r[:, None, :] for r in _block_ranges(kv_docs, block_size))
+    q_lo, q_hi = (r[None, :, None] for r in _block_ranges(q_pos, block_size))
+    k_lo, k_hi = (r[None, None, :] for r in _block_ranges(kv_pos, block_size))
+    some = (k_doc_hi >= q_doc_lo) & (k_doc_lo <= q_doc_hi) & (q_hi >= k_lo)
+    full = (q_doc_lo == q_doc_hi) & (k_doc_lo == k_doc_hi) & (q_doc_lo == k_doc_lo) & (q_lo >= k_hi)
     if window:
-        gap = (block_idx[None, :, None] - block_idx[None, None, :]) * block_size  # query start - key start
-        overlaps = overlaps & (gap - (block_size - 1) < window)  # nearest pair inside the window
-        full = full & (gap + (block_size - 1) < window)  # farthest pair inside the window
-    partial = ((below & overlaps) | diagonal) & ~full
+        some = some & (q_lo - k_hi < window)  # nearest pair inside the window
+        full = full & (q_hi - k_lo < window)  # farthest pair inside the window
+    full[:, :, -1] &= n_kv % block_size == 0  # a key block holding padding goes through the mask
+    partial = some & ~full
 
     def to_indices(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         counts = selected.sum(-1, dtype=torch.int32)
@@ -71,8 +98,9 @@ def document_block_mask(doc_ids: torch.Tensor, block_size: int = 128, window: in
     full_num, full_idx = to_indices(full)
 
     def mask_mod(b, h, q, kv):
-        visible = (padded[b, q] == padded[b, kv]) & (q >= kv)
-        return visible & (q - kv < window) if window else visible
+        gap = q_pos[q] - kv_pos[kv] if indexed else q - kv
+        visible = (q_docs[b, q] == kv_docs[b, kv]) & (gap >= 0)
+        return visible & (gap < window) if window else visible
 
     return BlockMask.from_kv_blocks(
         kv_num,
@@ -81,5 +109,5 @@ def document_block_mask(doc_ids: torch.Tensor, block_size: int = 128, window: in
         full_idx,
         BLOCK_SIZE=block_size,
         mask_mod=mask_mod,
-        seq_lengths=(seq, seq),
+        seq_lengths=(n_q, n_kv),
     )

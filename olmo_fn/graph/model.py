@@ -16,6 +16,9 @@ from olmo_fn.graph.norms import rms_norm
 from olmo_fn.graph.rope import rope_tables
 
 AttentionBackend = Literal["auto", "sdpa", "flex"]
+LayerInputs = tuple[tuple[torch.Tensor, torch.Tensor], dict[int, Any]]
+"""What every block takes besides its parameters and x: the RoPE tables (cos, sin), and each
+layer's mask by layer index."""
 BlockFn = Callable[
     [Mapping[str, Any], torch.Tensor, tuple[torch.Tensor, torch.Tensor], Any, ModelConfig], torch.Tensor
 ]
@@ -45,6 +48,7 @@ def hidden_states(
     doc_ids: torch.Tensor | None = None,
     backend: AttentionBackend = "auto",
     block_fn: BlockFn | None = None,
+    inputs: LayerInputs | None = None,
 ) -> torch.Tensor:
     """Embedding and every block present in ``params["blocks"]``, in layer order.
 
@@ -53,12 +57,16 @@ def hidden_states(
     non-decreasing; with them attention is causal within documents, without them plainly causal.
     Layers with a sliding window (``cfg.layer_window``) also see only that many recent tokens.
     block_fn: defaults to the block ``cfg.block`` names (pass a compiled one to compile).
+    inputs: the blocks' RoPE tables and masks when made elsewhere (a context-parallel slice's), instead
+    of from positions and doc_ids.
     Returns (batch, seq, d_model) in the parameters' dtype, before the final norm.
     """
     block_fn = block_fn or block_for(cfg)
     blocks = params["blocks"]
     layers = sorted(blocks.keys(), key=int)
-    rope, masks = layer_inputs(input_ids, cfg, [int(key) for key in layers], positions, doc_ids, backend)
+    if inputs is None:
+        inputs = layer_inputs(input_ids, cfg, [int(key) for key in layers], positions, doc_ids, backend)
+    rope, masks = inputs
     x = F.embedding(input_ids, params["embeddings"])
     for key in layers:
         x = block_fn(blocks[key], x, rope, masks[int(key)], cfg)
@@ -72,7 +80,7 @@ def layer_inputs(
     positions: torch.Tensor | None = None,
     doc_ids: torch.Tensor | None = None,
     backend: AttentionBackend = "auto",
-) -> tuple[tuple[torch.Tensor, torch.Tensor], dict[int, Any]]:
+) -> LayerInputs:
     """What every block takes besides its parameters and x: the RoPE tables, and each layer's mask.
 
     Arguments as for `hidden_states`; returns ``((cos, sin), {layer: mask})``, one mask object per

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from olmo_fn.parallelize.parallel_config import AXES, MeshShape
+from olmo_fn.parallelize.parallel_config import MESH_AXES, MeshShape
 
 
 def launched_world() -> tuple[int, int, int]:
@@ -45,32 +45,70 @@ def start_process_group(device: torch.device, timeout_s: float) -> None:
 
 
 def build_mesh(shape: MeshShape, device: torch.device) -> DeviceMesh:
-    """The ``dp_replicate × dp_shard × tp`` mesh over the current process group."""
-    return init_device_mesh(device.type, shape.sizes, mesh_dim_names=AXES)
+    """The ``pp × dp_replicate × dp_shard × cp × tp`` mesh over the current process group."""
+    return init_device_mesh(device.type, shape.mesh_sizes, mesh_dim_names=MESH_AXES)
 
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-    """Where this process sits: the mesh, its shape, and the groups the train step talks over."""
+    """Where this process sits: the mesh, its shape, and the groups the train step talks over.
 
-    mesh: DeviceMesh
+    `mesh` is the placement mesh (`AXES`, over this rank's pipeline stage: ``dp_shard`` there is the
+    flattened ``dp_shard × cp``); `full_mesh` has every axis of `MESH_AXES`.
+    """
+
+    full_mesh: DeviceMesh
     shape: MeshShape
+
+    @functools.cached_property
+    def mesh(self) -> DeviceMesh:
+        """dp_replicate × (dp_shard × cp) × tp, the axes of `AXES` in order."""
+        if self.shape.cp == 1:
+            return self.full_mesh["dp_replicate", "dp_shard", "tp"]
+        # A mesh of its own whose middle axis enumerates dp_shard x cp in the full mesh's order.
+        s = self.shape
+        names = ("pp", "dp_replicate", "dp_shard_cp", "tp")
+        sizes = (s.pp, s.dp_replicate, s.dp_shard * s.cp, s.tp)
+        return init_device_mesh(self.full_mesh.device_type, sizes, mesh_dim_names=names)[names[1:]]
+
+    def _coordinate(self, axis: str) -> int:
+        return self.full_mesh.get_coordinate()[MESH_AXES.index(axis)]
 
     @property
     def dp_rank(self) -> int:
         """This rank's index among the data-parallel ranks (which slice of each global batch it reads)."""
-        coords = self.mesh.get_coordinate()
-        return coords[0] * self.shape.dp_shard + coords[1]
+        return self._coordinate("dp_replicate") * self.shape.dp_shard + self._coordinate("dp_shard")
 
     @property
     def tp_rank(self) -> int:
-        return self.mesh.get_coordinate()[2]
+        return self._coordinate("tp")
+
+    @property
+    def cp_rank(self) -> int:
+        return self._coordinate("cp")
+
+    @property
+    def pp_rank(self) -> int:
+        return self._coordinate("pp")
 
     @functools.cached_property
     def dp_group(self) -> dist.ProcessGroup:
         """The group of ranks that hold different data (dp_replicate × dp_shard), for data statistics."""
-        return self.mesh["dp_replicate", "dp_shard"]._flatten("dp").get_group()
+        return self.full_mesh["dp_replicate", "dp_shard"]._flatten("dp").get_group()
+
+    @functools.cached_property
+    def loss_group(self) -> dist.ProcessGroup:
+        """The group of ranks that hold different targets (dp_replicate × dp_shard × cp), for loss sums."""
+        return self.full_mesh["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp").get_group()
 
     @property
     def tp_group(self) -> dist.ProcessGroup:
-        return self.mesh.get_group("tp")
+        return self.full_mesh.get_group("tp")
+
+    @property
+    def cp_group(self) -> dist.ProcessGroup:
+        return self.full_mesh.get_group("cp")
+
+    @property
+    def pp_group(self) -> dist.ProcessGroup:
+        return self.full_mesh.get_group("pp")

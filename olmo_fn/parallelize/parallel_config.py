@@ -1,20 +1,33 @@
 """`ParallelConfig`: how many processes a run spreads over, and along which axes; checked up front.
 
-The world is a mesh ``dp_replicate × dp_shard × tp``: data-parallel replicas (HSDP's outer axis),
-data-parallel shards (FSDP: parameters, gradients and optimizer moments sharded across them), and
-tensor parallelism (heads, MLP hidden units and the vocabulary split; the sequence split between
-the matmuls). Every problem is named before any process group starts.
+The world is a mesh ``pp × dp_replicate × dp_shard × cp × tp``: pipeline stages (each holding a
+slice of the layers), data-parallel replicas (HSDP's outer axis), data-parallel shards (FSDP:
+parameters, gradients and optimizer moments sharded across them), context parallelism (each rank
+holds a load-balanced slice of every sequence; parameters are sharded over it too, like FSDP), and
+tensor parallelism (heads, MLP hidden units and the vocabulary split; the sequence split between the
+matmuls). Every problem is named before any process group starts.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from olmo_fn.errors import ConfigError
 from olmo_fn.graph.config import ModelConfig
 
+MESH_AXES = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
+"""Every mesh axis, outermost first (the innermost, tp, gets the ranks closest together)."""
 AXES = ("dp_replicate", "dp_shard", "tp")
-"""Mesh axis names, outermost first (the innermost, tp, gets the ranks closest together)."""
+"""The axes a parameter is placed over. Context-parallel ranks shard parameters like data-parallel
+shards, so the ``dp_shard`` placement axis spans ``dp_shard × cp``; pipeline stages are not
+placements (a stage holds its layers whole)."""
+
+PP_SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "looped-bfs", "interleaved-zb", "zbv")
+"""Pipeline schedules by name (torch.distributed.pipelining); the last four run several stages per rank."""
+MULTI_STAGE_SCHEDULES = PP_SCHEDULES[2:]
+ZERO_BUBBLE_SCHEDULES = ("interleaved-zb", "zbv")
+"""Schedules that split each backward into an input-gradient and a weight-gradient pass."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +42,18 @@ class ParallelConfig:
     tp: int = 1
     """Tensor-parallel ranks: attention heads, MLP hidden units and the vocabulary are split across them,
     and the sequence between the matmuls (sequence parallel)."""
+    cp: int = 1
+    """Context-parallel ranks: each holds a load-balanced slice of every sequence (the head and tail
+    chunks of 2 x cp), gathers keys and values from the others, and shards the parameters like FSDP."""
+    pp: int = 1
+    """Pipeline-parallel ranks: the layers are split into consecutive stages (embedding on the first,
+    LM head and loss on the last) that micro-batches flow through."""
+    pp_schedule: str = "1f1b"
+    """Pipeline schedule: gpipe, 1f1b, interleaved-1f1b, looped-bfs, interleaved-zb or zbv (zero bubble,
+    V-shaped: 2 stages per rank)."""
+    pp_stages_per_rank: int = 0
+    """Stages each pipeline rank runs (interleaved schedules: 2 or more); 0: 1 for gpipe and 1f1b, 2 for
+    the others."""
     collective_timeout_s: float = 600.0
     """How long a collective waits for a rank that does not come (hung, or gone without the launcher
     noticing) before it fails, and the run with it. torchrun stops every rank within seconds of one
@@ -36,7 +61,7 @@ class ParallelConfig:
     synchronous checkpoint, pruning) while the others wait: keep it well above that."""
 
     def __post_init__(self) -> None:
-        for name in ("dp_replicate", "tp"):
+        for name in ("dp_replicate", "tp", "cp", "pp"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"parallel.{name}={getattr(self, name)} must be >= 1")
         if not self.collective_timeout_s > 0:
@@ -45,6 +70,22 @@ class ParallelConfig:
             raise ConfigError(
                 f"parallel.dp_shard={self.dp_shard} must be >= 1, or -1 for the rest of the world"
             )
+        if self.pp_schedule not in PP_SCHEDULES:
+            raise ConfigError(
+                f"parallel.pp_schedule={self.pp_schedule!r} is not a schedule; choose one of "
+                + ", ".join(PP_SCHEDULES)
+            )
+        if self.pp_stages_per_rank < 0:
+            raise ConfigError(f"parallel.pp_stages_per_rank={self.pp_stages_per_rank} must be >= 0")
+
+    @property
+    def stages_per_rank(self) -> int:
+        """Pipeline stages each pp rank runs (1 without pipeline parallelism)."""
+        if self.pp == 1:
+            return 1
+        if self.pp_stages_per_rank:
+            return self.pp_stages_per_rank
+        return 2 if self.pp_schedule in MULTI_STAGE_SCHEDULES else 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,14 +95,22 @@ class MeshShape:
     dp_replicate: int
     dp_shard: int
     tp: int
+    cp: int = 1
+    pp: int = 1
 
     @property
     def sizes(self) -> tuple[int, int, int]:
-        return (self.dp_replicate, self.dp_shard, self.tp)
+        """Sizes of the placement axes, in `AXES` order (parameters are sharded over dp_shard x cp)."""
+        return (self.dp_replicate, self.dp_shard * self.cp, self.tp)
+
+    @property
+    def mesh_sizes(self) -> tuple[int, ...]:
+        """Sizes of every mesh axis, in `MESH_AXES` order."""
+        return (self.pp, self.dp_replicate, self.dp_shard, self.cp, self.tp)
 
     @property
     def world(self) -> int:
-        return self.dp_replicate * self.dp_shard * self.tp
+        return math.prod(self.mesh_sizes)
 
     @property
     def dp(self) -> int:
@@ -69,42 +118,55 @@ class MeshShape:
         return self.dp_replicate * self.dp_shard
 
     def __str__(self) -> str:
-        return " x ".join(f"{name} {size}" for name, size in zip(AXES, self.sizes, strict=True))
+        return " x ".join(f"{name} {size}" for name, size in zip(MESH_AXES, self.mesh_sizes, strict=True))
 
 
 def resolve_mesh_shape(cfg: ParallelConfig, world: int) -> MeshShape:
     """The mesh for `world` processes; a ConfigError naming the degrees when they do not fit."""
-    fixed = cfg.dp_replicate * cfg.tp
+    fixed = cfg.pp * cfg.dp_replicate * cfg.cp * cfg.tp
+    named = f"parallel.pp={cfg.pp} x dp_replicate={cfg.dp_replicate} x cp={cfg.cp} x tp={cfg.tp}"
     if cfg.dp_shard == -1:
         if world % fixed:
-            raise ConfigError(
-                f"parallel.dp_replicate={cfg.dp_replicate} x parallel.tp={cfg.tp} = {fixed} does not divide "
-                f"the world size {world}"
-            )
-        return MeshShape(cfg.dp_replicate, world // fixed, cfg.tp)
-    shape = MeshShape(cfg.dp_replicate, cfg.dp_shard, cfg.tp)
+            raise ConfigError(f"{named} = {fixed} does not divide the world size {world}")
+        return MeshShape(cfg.dp_replicate, world // fixed, cfg.tp, cfg.cp, cfg.pp)
+    shape = MeshShape(cfg.dp_replicate, cfg.dp_shard, cfg.tp, cfg.cp, cfg.pp)
     if shape.world != world:
         raise ConfigError(
-            f"parallel.dp_replicate={cfg.dp_replicate} x dp_shard={cfg.dp_shard} x tp={cfg.tp} = "
-            f"{shape.world}, but the world size is {world} (set parallel.dp_shard=-1 to use the rest)"
+            f"{named} x dp_shard={cfg.dp_shard} = {shape.world}, but the world size is {world} "
+            "(set parallel.dp_shard=-1 to use the rest)"
         )
     return shape
 
 
 def parallel_problems(
-    shape: MeshShape, model: ModelConfig, *, global_batch: int, micro_batch: int, seq_len: int
+    shape: MeshShape,
+    model: ModelConfig,
+    *,
+    global_batch: int,
+    micro_batch: int,
+    seq_len: int,
+    pp_schedule: str = "1f1b",
+    stages_per_rank: int = 1,
 ) -> list[str]:
     """Every reason `model` and the batch cannot run on `shape`, each naming the degree and what it
     must divide."""
     problems = []
-    tp = shape.tp
+    tp, cp, pp = shape.tp, shape.cp, shape.pp
     if tp > 1:
         for name in ("n_heads", "n_kv_heads", "mlp_hidden", "vocab_size"):
             value = getattr(model, name)
             if value % tp:
                 problems.append(f"parallel.tp={tp} does not divide model.{name}={value}")
-        if seq_len % tp:
-            problems.append(f"parallel.tp={tp} does not divide data.seq_len={seq_len} (sequence parallel)")
+    if cp > 1 and seq_len % (2 * cp):
+        problems.append(
+            f"data.seq_len={seq_len} is not divisible by 2 x parallel.cp = {2 * cp} (each context-parallel "
+            "rank holds two of 2 x cp equal chunks)"
+        )
+    elif tp > 1 and (seq_len // cp) % tp:
+        where = (
+            f"each context-parallel slice of {seq_len // cp} tokens" if cp > 1 else f"data.seq_len={seq_len}"
+        )
+        problems.append(f"parallel.tp={tp} does not divide {where} (sequence parallel)")
     if global_batch % shape.dp:
         problems.append(
             f"the data-parallel degree {shape.dp} (dp_replicate x dp_shard) does not divide "
@@ -115,4 +177,77 @@ def parallel_problems(
             f"micro_batch_size={micro_batch} does not divide the {global_batch // shape.dp} instances each "
             f"data-parallel rank gets per step (global_batch_size={global_batch} / {shape.dp})"
         )
+    if pp > 1:
+        problems += pipeline_problems(
+            shape,
+            model,
+            global_batch=global_batch,
+            micro_batch=micro_batch,
+            schedule=pp_schedule,
+            stages_per_rank=stages_per_rank,
+        )
     return problems
+
+
+def pipeline_problems(
+    shape: MeshShape,
+    model: ModelConfig,
+    *,
+    global_batch: int,
+    micro_batch: int,
+    schedule: str,
+    stages_per_rank: int,
+) -> list[str]:
+    """Why the layers or the micro-batches cannot flow through `shape.pp` ranks under `schedule`."""
+    problems = []
+    pp = shape.pp
+    stages = pp * stages_per_rank
+    if schedule in MULTI_STAGE_SCHEDULES and stages_per_rank < 2:
+        problems.append(
+            f"parallel.pp_schedule={schedule} runs several stages per rank: set pp_stages_per_rank >= 2"
+        )
+    if schedule not in MULTI_STAGE_SCHEDULES and stages_per_rank != 1:
+        problems.append(
+            f"parallel.pp_schedule={schedule} runs one stage per rank, not "
+            f"pp_stages_per_rank={stages_per_rank}"
+        )
+    if schedule == "zbv" and stages_per_rank != 2:
+        problems.append(f"parallel.pp_schedule=zbv runs exactly 2 stages per rank, not {stages_per_rank}")
+    if stages > model.n_layers:
+        problems.append(
+            f"{stages} pipeline stages (parallel.pp={pp} x {stages_per_rank} per rank) need at least as many "
+            f"layers, but model.n_layers={model.n_layers}"
+        )
+    if model.tie_embeddings:
+        problems.append(
+            "pipeline parallelism (parallel.pp > 1) with model.tie_embeddings is not supported: "
+            "the embedding lives on the first stage and the LM head on the last"
+        )
+    if shape.cp > 1:
+        problems.append(
+            "context and pipeline parallelism together (parallel.cp > 1 and parallel.pp > 1) "
+            "are not supported yet"
+        )
+    if not global_batch % shape.dp:
+        rows = global_batch // shape.dp
+        micro_batches = max(1, rows // micro_batch)
+        need = micro_batch_rule(schedule, pp, micro_batches)
+        if need:
+            problems.append(
+                f"parallel.pp_schedule={schedule} on pp={pp} ranks needs {need}, but each data-parallel rank "
+                f"gets {micro_batches} micro-batch(es) per step ({rows} rows / micro_batch_size="
+                f"{micro_batch}): change global_batch_size or micro_batch_size"
+            )
+    return problems
+
+
+def micro_batch_rule(schedule: str, pp: int, micro_batches: int) -> str:
+    """What `schedule` needs of the micro-batch count that `micro_batches` lacks ("" when it fits):
+    torch.distributed.pipelining's own rules, checked before any process starts."""
+    if schedule == "1f1b" and micro_batches < pp:
+        return f"at least pp={pp} micro-batches"
+    if schedule in ("interleaved-1f1b", "interleaved-zb"):
+        rounds = max(1, micro_batches // pp)
+        if micro_batches % rounds:
+            return f"a micro-batch count divisible by its rounds (count // pp = {rounds}), e.g. k x {pp}"
+    return ""

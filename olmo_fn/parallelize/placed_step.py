@@ -27,40 +27,63 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 from olmo_fn.errors import ConfigError
 from olmo_fn.graph.model import BlockFn
+from olmo_fn.parallelize.axis_group import AxisGroup
 from olmo_fn.parallelize.compute_layout import tree_to_compute
 from olmo_fn.parallelize.mesh import Layout
-from olmo_fn.parallelize.parallel_config import AXES
 from olmo_fn.parallelize.plan import Plan, Rule
-from olmo_fn.parallelize.tensor_parallel import TpGroup
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineSpec:
+    """How the pipeline ranks run their stages: the schedule's name and the stages per rank."""
+
+    schedule: str = "1f1b"
+    stages_per_rank: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
 class Sharding:
-    """A plan applied on a mesh, with every parameter path's rule looked up once."""
+    """A plan applied on a mesh, with every parameter path's rule looked up once. Under pipeline
+    parallelism the paths are this rank's stages' only, and `pipeline` says how stages run."""
 
     plan: Plan
     layout: Layout
     rules: Mapping[str, Rule]
+    pipeline: PipelineSpec | None = None
 
     @classmethod
-    def of(cls, plan: Plan, layout: Layout, paths: list[str]) -> Sharding:
-        return cls(plan, layout, plan.rules_by_path(paths))
+    def of(
+        cls, plan: Plan, layout: Layout, paths: list[str], pipeline: PipelineSpec | None = None
+    ) -> Sharding:
+        if pipeline is not None:  # a stage holds some parameters: rules for the others do not apply here
+            plan = plan.for_paths(paths)
+        return cls(plan, layout, plan.rules_by_path(paths), pipeline)
 
     @functools.cached_property
     def block_rules(self) -> dict[str, Rule]:
         """The rules of one block by path inside it (every block has the same), shared by all blocks:
         a compiled block function then sees the same arguments for every layer and compiles once."""
-        first = {p.removeprefix("blocks.0."): r for p, r in self.rules.items() if p.startswith("blocks.0.")}
+        layers = sorted({int(p.split(".")[1]) for p in self.rules if p.startswith("blocks.")})
+        prefix = f"blocks.{layers[0]}." if layers else "blocks.0."
+        first = {p.removeprefix(prefix): r for p, r in self.rules.items() if p.startswith(prefix)}
         for path, rule in self.rules.items():
             if path.startswith("blocks."):
                 inner = path.split(".", 2)[2]
                 if first.get(inner) != rule:
-                    raise ConfigError(f"plan: {path} is placed unlike the same parameter of block 0")
+                    raise ConfigError(f"plan: {path} is placed unlike the same parameter of {prefix[:-1]}")
         return first
 
     @functools.cached_property
-    def tp(self) -> TpGroup:
-        return TpGroup(self.layout.tp_group, self.layout.tp_rank, self.layout.shape.tp)
+    def tp(self) -> AxisGroup | None:
+        """The tensor-parallel group; None without tensor parallelism."""
+        shape = self.layout.shape
+        return AxisGroup(self.layout.tp_group, self.layout.tp_rank, shape.tp) if shape.tp > 1 else None
+
+    @functools.cached_property
+    def cp(self) -> AxisGroup | None:
+        """The context-parallel group; None without context parallelism."""
+        shape = self.layout.shape
+        return AxisGroup(self.layout.cp_group, self.layout.cp_rank, shape.cp) if shape.cp > 1 else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,11 +155,30 @@ def _save_matmul_outputs():
 
 
 def dp_sum(value: torch.Tensor, sharding: Sharding | None) -> torch.Tensor:
-    """`value` summed over the data-parallel ranks (a statistic of the data, not differentiated)."""
+    """`value` summed over the data-parallel ranks (a statistic of whole rows, not differentiated)."""
     if sharding is None or sharding.layout.shape.dp == 1:
         return value
     value = value.detach().clone()
     dist.all_reduce(value, group=sharding.layout.dp_group)
+    return value
+
+
+def context_parallel_sum(value: torch.Tensor, sharding: Sharding | None) -> torch.Tensor:
+    """`value` summed over the context-parallel ranks (the slices of the same rows)."""
+    if sharding is None or sharding.cp is None:
+        return value
+    value = value.detach().clone()
+    dist.all_reduce(value, group=sharding.cp.group)
+    return value
+
+
+def loss_sum(value: torch.Tensor, sharding: Sharding | None) -> torch.Tensor:
+    """`value` summed over the ranks that hold different targets: data-parallel ranks, and the
+    context-parallel ranks' slices of each row (not differentiated)."""
+    if sharding is None or sharding.layout.shape.dp * sharding.layout.shape.cp == 1:
+        return value
+    value = value.detach().clone()
+    dist.all_reduce(value, group=sharding.layout.loss_group)
     return value
 
 
@@ -148,18 +190,20 @@ def global_grad_norm(grads: list[DTensor], sharding: Sharding) -> torch.Tensor:
     over; each group's sum is all-reduced over exactly those axes (replicated axes hold copies).
     """
     mesh = sharding.layout.mesh
-    by_axes: dict[tuple[str, ...], torch.Tensor] = {}
+    by_axes: dict[tuple[int, ...], torch.Tensor] = {}
     for grad in grads:
         local = grad.to_local()
         wide = local.to(torch.promote_types(local.dtype, torch.float32))
-        axes = tuple(a for a, p in zip(AXES, grad.placements, strict=True) if isinstance(p, Shard))
+        axes = tuple(i for i, p in enumerate(grad.placements) if isinstance(p, Shard))
         by_axes[axes] = by_axes.get(axes, 0) + wide.pow(2).sum()
     total = None
     for axes, squares in sorted(by_axes.items()):
         for axis in axes:
-            if mesh.size(AXES.index(axis)) > 1:
+            if mesh.size(axis) > 1:
                 dist.all_reduce(squares, group=mesh.get_group(axis))
         total = squares if total is None else total + squares
+    if sharding.layout.shape.pp > 1:  # each pipeline rank holds other layers
+        dist.all_reduce(total, group=sharding.layout.pp_group)
     return total.sqrt()
 
 

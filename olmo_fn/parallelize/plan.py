@@ -1,16 +1,21 @@
 """Placement plans: data that says where every parameter lives on the mesh, applied by one function.
 
 A plan is an ordered list of `Rule`s: a glob over dotted parameter paths, and a placement on each
-mesh axis (``dp_replicate``, ``dp_shard``, ``tp``). `apply_plan` turns a tree of full tensors into
-the same tree of DTensors; the first rule a path matches decides. A parameter no rule matches, or a
-rule that matches no parameter, is an error. The model functions never see a plan: the train step
-gathers each block's parameters into their *compute layout* just before the block runs
-(`compute_layout`), and the gradients come back to the stored layout.
+placement axis (``dp_replicate``, ``dp_shard``, ``tp``). `apply_plan` turns a tree of full
+tensors into the same tree of DTensors; the first rule a path matches decides. A parameter no rule
+matches, or a rule that matches no parameter, is an error. The model functions never see a plan:
+the train step gathers each block's parameters into their *compute layout* just before the block
+runs (`compute_layout`), and the gradients come back to the stored layout.
 
-Compute layout: replicated over the data-parallel axes, and on ``tp`` as stored (the tensor-parallel
-shard a rank computes with). Gradient layout, before it is reduced to the stored layout: partial sums
-over the data-parallel axes (each rank saw other data); on ``tp`` the stored shard, or partial sums for
-a parameter replicated on ``tp`` (a norm weight, applied to this rank's slice of the sequence).
+Compute layout: replicated over the data-parallel and context-parallel axes, and on ``tp`` as stored
+(the tensor-parallel shard a rank computes with). Gradient layout, before it is reduced to the stored
+layout: partial sums over the data-parallel and context-parallel axes (each rank saw other data, or
+other positions of the same sequences); on ``tp`` the stored shard, or partial sums for a parameter
+replicated on ``tp`` (a norm weight, applied to this rank's slice of the sequence).
+
+Context-parallel ranks shard parameters like data-parallel shards do: the ``dp_shard`` placement axis
+spans ``dp_shard × cp`` (FSDP over both; their gradients are partial sums alike). Pipeline stages are not a
+placement: each stage's ranks place only the parameters of the layers it runs (`stage_plan`).
 
 For FSDP x TP the data-parallel shard of a tensor-parallel matrix is taken along the *other*
 dimension (rows for TP's columns), so gathering over ``dp_shard`` yields exactly the TP shard.
@@ -44,7 +49,7 @@ class Rule:
 
     @property
     def placements(self) -> tuple[Placement, ...]:
-        """Stored placements, one per mesh axis in `AXES` order."""
+        """Stored placements, one per axis in `AXES` order."""
         return (self.dp_replicate, self.dp_shard, self.tp)
 
     @property
@@ -70,6 +75,11 @@ class Plan:
             if fnmatch.fnmatchcase(path, rule.pattern):
                 return rule
         raise ConfigError(f"plan: no rule places parameter {path!r}")
+
+    def for_paths(self, paths: list[str]) -> Plan:
+        """The plan without the rules that match none of `paths` (e.g. a pipeline stage's parameters)."""
+        chosen = {self.rule_for(path) for path in paths}
+        return dataclasses.replace(self, rules=tuple(r for r in self.rules if r in chosen))
 
     def rules_by_path(self, paths: list[str]) -> dict[str, Rule]:
         """The rule of every path; an error for a path no rule matches or a rule that matches none."""
@@ -101,8 +111,8 @@ def default_plan(model: ModelConfig, shape: MeshShape, *, compute_dtype: torch.d
     """FSDP / HSDP over the data-parallel axes, and TP + sequence parallel over ``tp``; gradients are
     reduced in at least fp32.
 
-    Every parameter is sharded over ``dp_shard`` (dim 0, or dim 1 where ``tp`` already splits dim 0)
-    and replicated over ``dp_replicate``. Rules are listed only for parameters `model` has.
+    Every parameter is sharded over ``dp_shard × cp`` (dim 0, or dim 1 where ``tp`` already splits
+    dim 0) and replicated over ``dp_replicate``. Rules are listed only for parameters `model` has.
     """
     tp = shape.tp > 1
     rules = []
@@ -142,7 +152,8 @@ def plan_table(plan: Plan, model: ModelConfig, shape: MeshShape) -> str:
     """The plan as a text table: each rule, its placement per axis, and how many parameters it places."""
     rules = plan.rules_by_path(list(param_shapes(model)))
     counts = {rule: sum(1 for r in rules.values() if r == rule) for rule in plan.rules}
-    header = ("rule", *(f"{axis} ({size})" for axis, size in zip(AXES, shape.sizes, strict=True)), "params")
+    axes = [axis if axis != "dp_shard" or shape.cp == 1 else "dp_shard x cp" for axis in AXES]
+    header = ("rule", *(f"{axis} ({size})" for axis, size in zip(axes, shape.sizes, strict=True)), "params")
     rows = [header] + [
         (rule.pattern, *(_show(p) for p in rule.placements), str(counts[rule])) for rule in plan.rules
     ]

@@ -22,7 +22,6 @@ a value each rank uses for different heads or rows needs its gradient summed. Th
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -33,19 +32,11 @@ import torch.nn.functional as F
 from olmo_fn.graph.attention import attend
 from olmo_fn.graph.config import ModelConfig
 from olmo_fn.graph.loss import IGNORE_INDEX
-from olmo_fn.graph.model import AttentionBackend, BlockFn, layer_inputs
+from olmo_fn.graph.model import AttentionBackend, BlockFn, LayerInputs, layer_inputs
 from olmo_fn.graph.norms import rms_norm
 from olmo_fn.graph.rope import apply_rope
-
-
-@dataclasses.dataclass(frozen=True)
-class TpGroup:
-    """This rank's place in its tensor-parallel group."""
-
-    group: dist.ProcessGroup
-    rank: int
-    size: int
-
+from olmo_fn.parallelize.axis_group import AxisGroup
+from olmo_fn.parallelize.context_parallel import gather_keys
 
 # ---- the four collectives, each with the backward that keeps gradients exact -------------------------
 
@@ -55,7 +46,7 @@ class _GatherSeq(torch.autograd.Function):
     ranks, each rank keeping its own positions (reduce-scatter)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, tp: TpGroup) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, tp: AxisGroup) -> torch.Tensor:
         ctx.tp = tp
         return _all_gather_dim1(x, tp)
 
@@ -68,7 +59,7 @@ class _ReduceScatterSeq(torch.autograd.Function):
     """Partial sums over ranks, summed, each rank keeping its own positions; backward: all-gather."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, tp: TpGroup) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, tp: AxisGroup) -> torch.Tensor:
         ctx.tp = tp
         return _reduce_scatter_dim1(x, tp)
 
@@ -82,7 +73,7 @@ class _SumUsedApart(torch.autograd.Function):
     heads): forward all-reduce, backward all-reduce of the gradient."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, tp: TpGroup) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, tp: AxisGroup) -> torch.Tensor:
         ctx.tp = tp
         out = x.clone()
         dist.all_reduce(out, group=tp.group)
@@ -100,7 +91,7 @@ class _SumUsedAlike(torch.autograd.Function):
     backward identity (each rank's gradient of the one loss is already the whole gradient)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, tp: TpGroup) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, tp: AxisGroup) -> torch.Tensor:
         out = x.clone()
         dist.all_reduce(out, group=tp.group)
         return out
@@ -110,25 +101,25 @@ class _SumUsedAlike(torch.autograd.Function):
         return grad, None
 
 
-def _all_gather_dim1(x: torch.Tensor, tp: TpGroup) -> torch.Tensor:
+def _all_gather_dim1(x: torch.Tensor, tp: AxisGroup) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(tp.size)]
     dist.all_gather(parts, x.contiguous(), group=tp.group)
     return torch.cat(parts, dim=1)
 
 
-def _reduce_scatter_dim1(x: torch.Tensor, tp: TpGroup) -> torch.Tensor:
+def _reduce_scatter_dim1(x: torch.Tensor, tp: AxisGroup) -> torch.Tensor:
     parts = [part.contiguous() for part in x.chunk(tp.size, dim=1)]
     out = torch.empty_like(parts[0])
     dist.reduce_scatter(out, parts, group=tp.group)
     return out
 
 
-def gather_seq(x: torch.Tensor, tp: TpGroup) -> torch.Tensor:
+def gather_seq(x: torch.Tensor, tp: AxisGroup) -> torch.Tensor:
     """(batch, seq / tp, d) -> (batch, seq, d)."""
     return _GatherSeq.apply(x, tp)
 
 
-def reduce_scatter_seq(x: torch.Tensor, tp: TpGroup) -> torch.Tensor:
+def reduce_scatter_seq(x: torch.Tensor, tp: AxisGroup) -> torch.Tensor:
     """(batch, seq, d) partial sums -> (batch, seq / tp, d) sums."""
     return _ReduceScatterSeq.apply(x, tp)
 
@@ -137,7 +128,7 @@ def reduce_scatter_seq(x: torch.Tensor, tp: TpGroup) -> torch.Tensor:
 
 
 def rms_norm_across(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, full_dim: int, tp: TpGroup
+    x: torch.Tensor, weight: torch.Tensor, eps: float, full_dim: int, tp: AxisGroup
 ) -> torch.Tensor:
     """`rms_norm` of a tensor whose last dimension is split across the tp ranks: the mean of squares
     is taken over all ``full_dim`` elements. x: (..., full_dim / tp); weight: this rank's slice."""
@@ -149,10 +140,17 @@ def rms_norm_across(
 
 
 def attention_local(
-    p: Mapping[str, torch.Tensor], x: torch.Tensor, rope, mask: Any, cfg: ModelConfig, tp: TpGroup
+    p: Mapping[str, torch.Tensor],
+    x: torch.Tensor,
+    rope,
+    mask: Any,
+    cfg: ModelConfig,
+    tp: AxisGroup,
+    cp: AxisGroup | None = None,
 ):
     """`graph.attention.attention` over this rank's heads: x (batch, seq, d_model) all positions ->
-    (batch, seq, d_model) partial sums (this rank's heads through its columns of w_out)."""
+    (batch, seq, d_model) partial sums (this rank's heads through its columns of w_out). With `cp`,
+    x is this rank's context-parallel slice and the keys and values come from every cp rank."""
     batch, seq, _ = x.shape
     heads, kv_heads = cfg.n_heads // tp.size, cfg.n_kv_heads // tp.size
     q, k, v = x @ p["w_q"].T, x @ p["w_k"].T, x @ p["w_v"].T
@@ -163,6 +161,8 @@ def attention_local(
     q = apply_rope(q.view(batch, seq, heads, cfg.d_head), cos, sin).transpose(1, 2)
     k = apply_rope(k.view(batch, seq, kv_heads, cfg.d_head), cos, sin).transpose(1, 2)
     v = v.view(batch, seq, kv_heads, cfg.d_head).transpose(1, 2)
+    if cp is not None:
+        k, v = gather_keys(k, cp), gather_keys(v, cp)
     out = attend(q, k, v, mask)
     return out.transpose(1, 2).reshape(batch, seq, heads * cfg.d_head) @ p["w_out"].T
 
@@ -172,12 +172,13 @@ def swiglu_local(p: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor
     return (F.silu(x @ p["w1"].T) * (x @ p["w3"].T)) @ p["w2"].T
 
 
-def tp_block_fn(cfg: ModelConfig, tp: TpGroup) -> BlockFn:
-    """The block `cfg.block` names, on local shards; x and the result are (batch, seq / tp, d_model)."""
+def tp_block_fn(cfg: ModelConfig, tp: AxisGroup, cp: AxisGroup | None = None) -> BlockFn:
+    """The block `cfg.block` names, on local shards; x and the result are (batch, seq / tp, d_model)
+    (of this rank's context-parallel slice, with `cp`)."""
 
     def attn(p, x_seq, rope, mask):
         return reduce_scatter_seq(
-            attention_local(p["attention"], gather_seq(x_seq, tp), rope, mask, cfg, tp), tp
+            attention_local(p["attention"], gather_seq(x_seq, tp), rope, mask, cfg, tp, cp), tp
         )
 
     def mlp(p, x_seq):
@@ -194,7 +195,7 @@ def tp_block_fn(cfg: ModelConfig, tp: TpGroup) -> BlockFn:
     return reordered_norm if cfg.block == "reordered_norm" else pre_norm
 
 
-def vocab_parallel_embedding(ids: torch.Tensor, rows: torch.Tensor, tp: TpGroup) -> torch.Tensor:
+def vocab_parallel_embedding(ids: torch.Tensor, rows: torch.Tensor, tp: AxisGroup) -> torch.Tensor:
     """Embeddings of `ids` from this rank's vocabulary rows, summed over ranks and split along the
     sequence: (batch, seq) -> (batch, seq / tp, d_model)."""
     first = tp.rank * rows.shape[0]
@@ -205,7 +206,7 @@ def vocab_parallel_embedding(ids: torch.Tensor, rows: torch.Tensor, tp: TpGroup)
 
 
 def vocab_parallel_cross_entropy_sums(
-    logits: torch.Tensor, labels: torch.Tensor, tp: TpGroup, ignore_index: int = IGNORE_INDEX
+    logits: torch.Tensor, labels: torch.Tensor, tp: AxisGroup, ignore_index: int = IGNORE_INDEX
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`graph.loss.cross_entropy_sums` from this rank's vocabulary columns of the logits.
 
@@ -234,12 +235,13 @@ def tp_loss_sums(
     input_ids: torch.Tensor,
     labels: torch.Tensor,
     cfg: ModelConfig,
-    tp: TpGroup,
+    tp: AxisGroup,
     *,
     block_fn: BlockFn,
     positions: torch.Tensor | None = None,
     doc_ids: torch.Tensor | None = None,
     backend: AttentionBackend = "auto",
+    inputs: LayerInputs | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`graph.model.loss_sums` under tensor + sequence parallelism (same arguments, plus `tp`).
 
@@ -248,7 +250,9 @@ def tp_loss_sums(
     """
     blocks = params["blocks"]
     layers = sorted(blocks.keys(), key=int)
-    rope, masks = layer_inputs(input_ids, cfg, [int(key) for key in layers], positions, doc_ids, backend)
+    if inputs is None:
+        inputs = layer_inputs(input_ids, cfg, [int(key) for key in layers], positions, doc_ids, backend)
+    rope, masks = inputs
     x = vocab_parallel_embedding(input_ids, params["embeddings"], tp)
     for key in layers:
         x = block_fn(blocks[key], x, rope, masks[int(key)], cfg)

@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from olmo_fn.errors import ConfigError
 from olmo_fn.graph.config import ModelConfig
-from olmo_fn.graph.param_tree import param_shapes
+from olmo_fn.graph.param_tree import flatten, param_shapes, unflatten
 from olmo_fn.parallelize.mesh import Layout, build_mesh, launched_world, start_process_group, under_launcher
 from olmo_fn.parallelize.parallel_config import (
     MeshShape,
@@ -22,7 +22,8 @@ from olmo_fn.parallelize.parallel_config import (
     parallel_problems,
     resolve_mesh_shape,
 )
-from olmo_fn.parallelize.placed_step import Sharding
+from olmo_fn.parallelize.pipeline_stages import rank_stages, stage_paths
+from olmo_fn.parallelize.placed_step import PipelineSpec, Sharding
 from olmo_fn.parallelize.plan import apply_plan, default_plan
 from olmo_fn.state.adamw import init_adamw_state
 from olmo_fn.state.train_state import TrainState
@@ -40,7 +41,13 @@ def plan_world(
     """The mesh shape for `world` processes; a ConfigError naming every problem (nothing started)."""
     shape = resolve_mesh_shape(parallel, world)
     problems = parallel_problems(
-        shape, model, global_batch=global_batch, micro_batch=micro_batch, seq_len=seq_len
+        shape,
+        model,
+        global_batch=global_batch,
+        micro_batch=micro_batch,
+        seq_len=seq_len,
+        pp_schedule=parallel.pp_schedule,
+        stages_per_rank=parallel.stages_per_rank,
     )
     if problems:
         raise ConfigError("invalid parallel config: " + "; ".join(problems))
@@ -65,9 +72,12 @@ class World:
         return self.rank == 0
 
     def place(self, state: TrainState) -> TrainState:
-        """`state` with its parameters placed by the plan and zero moments placed like them. Every
-        process passes the same full values (a deterministic init, or a template about to be loaded)."""
-        params = apply_plan(state.params, self.sharding.plan, self.sharding.layout.mesh)
+        """`state` with its parameters placed by the plan and zero moments placed like them; under
+        pipeline parallelism, only this rank's stages' parameters. Every process passes the same full
+        values (a deterministic init, or a template about to be loaded)."""
+        flat = flatten(state.params)
+        held = unflatten({path: flat[path] for path in self.sharding.rules})
+        params = apply_plan(held, self.sharding.plan, self.sharding.layout.mesh)
         return dataclasses.replace(state, params=params, opt_state=init_adamw_state(params))
 
     def broadcast(self, value: object) -> object:
@@ -101,7 +111,11 @@ def start_world(
         return None, device
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
-    return join_world(shape, model, device, compute_dtype, timeout_s=parallel.collective_timeout_s), device
+    pipeline = PipelineSpec(parallel.pp_schedule, parallel.stages_per_rank) if shape.pp > 1 else None
+    world = join_world(
+        shape, model, device, compute_dtype, timeout_s=parallel.collective_timeout_s, pipeline=pipeline
+    )
+    return world, device
 
 
 def join_world(
@@ -111,6 +125,7 @@ def join_world(
     compute_dtype: torch.dtype,
     *,
     timeout_s: float,
+    pipeline: PipelineSpec | None = None,
 ) -> World:
     """Start (or join) the launcher's process group (collectives failing after `timeout_s`) and build the
     mesh and the default plan."""
@@ -118,4 +133,14 @@ def join_world(
     rank, size, _ = launched_world()
     layout = Layout(build_mesh(shape, device), shape)
     plan = default_plan(model, shape, compute_dtype=compute_dtype)
-    return World(rank, size, Sharding.of(plan, layout, list(param_shapes(model))))
+    if pipeline is None:
+        return World(rank, size, Sharding.of(plan, layout, list(param_shapes(model))))
+    return World(rank, size, Sharding.of(plan, layout, rank_paths(model, layout, pipeline), pipeline))
+
+
+def rank_paths(model: ModelConfig, layout: Layout, pipeline: PipelineSpec) -> list[str]:
+    """The parameter paths of the pipeline stages this rank runs."""
+    shape = layout.shape
+    n_stages = shape.pp * pipeline.stages_per_rank
+    stages = rank_stages(layout.pp_rank, shape.pp, pipeline.stages_per_rank, pipeline.schedule)
+    return [path for stage in stages for path in stage_paths(model, stage, n_stages)]

@@ -21,6 +21,7 @@ never deleted through (pruning leaves it alone); training refuses to resume a ru
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import shutil
@@ -178,7 +179,8 @@ def finish_save(directory: Path, manifest: dict[str, Any], *, group: dist.Proces
     if rank(group) == 0:
         tmp = _tmp_path(directory)
         try:
-            manifest = {**manifest, "files": file_digests(tmp, skip=(MANIFEST,))}
+            # Counted from what every rank wrote (a pipeline stage's state holds only its layers).
+            manifest = {**manifest, **_tensor_totals(tmp), "files": file_digests(tmp, skip=(MANIFEST,))}
             write_manifest(tmp, manifest)
             _fsync_dir(tmp)
             if os.path.lexists(directory):
@@ -188,6 +190,17 @@ def finish_save(directory: Path, manifest: dict[str, Any], *, group: dist.Proces
         except OSError as exc:
             raise save_failure(directory, exc) from exc
     return directory
+
+
+def _tensor_totals(directory: Path) -> dict[str, int]:
+    """``n_tensors`` and ``tensor_bytes`` of the checkpoint written in `directory` (its DCP metadata)."""
+    entries = read_safe_metadata(directory).state_dict_metadata.values()
+    return {
+        "n_tensors": len(entries),
+        "tensor_bytes": sum(
+            math.prod(e.size) * torch.empty((), dtype=e.properties.dtype).element_size() for e in entries
+        ),
+    }
 
 
 def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
@@ -315,7 +328,7 @@ def load_params(directory: str | os.PathLike, template_params: TensorDict) -> Te
 def _load_tensors(
     directory: Path, tensors: dict[str, Any], *, only_prefix: str = "", group: dist.ProcessGroup | None = None
 ) -> None:
-    _check_shapes(directory, flatten(tensors), only_prefix=only_prefix)
+    _check_shapes(directory, flatten(tensors), only_prefix=only_prefix, group=group)
     try:
         with torch.no_grad():
             dcp.load(
@@ -369,13 +382,26 @@ def remove_incomplete(run_dir: str | os.PathLike) -> list[Path]:
     return removed
 
 
-def _check_shapes(directory: Path, expected: dict[str, torch.Tensor], only_prefix: str = "") -> None:
-    """Compare the checkpoint's tensor names and shapes with the template's, naming every difference."""
+def _check_shapes(
+    directory: Path,
+    expected: dict[str, torch.Tensor],
+    only_prefix: str = "",
+    group: dist.ProcessGroup | None = None,
+) -> None:
+    """Compare the checkpoint's tensor names and shapes with the template's, naming every difference.
+
+    Under a process group a tensor is unexpected only if no rank's template holds it (a pipeline
+    stage loads its own layers)."""
     saved = read_safe_metadata(directory).state_dict_metadata
     if only_prefix:
         saved = {k: v for k, v in saved.items() if k.startswith(only_prefix)}
     missing = sorted(set(expected) - set(saved))
-    unexpected = sorted(set(saved) - set(expected))
+    held = set(expected)
+    if is_distributed():
+        every = [None] * dist.get_world_size(group)
+        dist.all_gather_object(every, sorted(expected), group=group)
+        held = set().union(*every)
+    unexpected = sorted(set(saved) - held)
     mismatched = [
         f"{k} saved {tuple(saved[k].size)} vs model {tuple(expected[k].shape)}"
         for k in sorted(set(saved) & set(expected), key=lambda k: (k.startswith("opt."), k))  # params first

@@ -12,22 +12,26 @@ from tensordict import TensorDict
 from olmo_fn.errors import ConfigError
 from olmo_fn.graph.block import block_for
 from olmo_fn.graph.config import ModelConfig
-from olmo_fn.graph.model import AttentionBackend, loss_sums
+from olmo_fn.graph.model import AttentionBackend, BlockFn, loss_sums
 from olmo_fn.graph.param_tree import flatten
 from olmo_fn.io.batch import Batch
 from olmo_fn.parallelize.compile import compile_block
+from olmo_fn.parallelize.context_parallel import context_parallel_block, context_parallel_slice
 from olmo_fn.parallelize.mixed_precision import compute_params
+from olmo_fn.parallelize.parallel_config import ZERO_BUBBLE_SCHEDULES
 from olmo_fn.parallelize.placed_step import (
     Sharding,
     dp_sum,
     gathering_block,
     global_grad_norm,
     local_tree,
+    loss_sum,
     model_view,
 )
 from olmo_fn.parallelize.tensor_parallel import tp_block_fn, tp_loss_sums
 from olmo_fn.state.adamw import AdamWConfig, adamw_update
 from olmo_fn.state.clip import clip_by_global_norm
+from olmo_fn.state.gradients import GradientFn, Gradients
 from olmo_fn.state.schedule import ScheduleConfig, lr_at
 from olmo_fn.state.train_state import TrainState
 
@@ -54,50 +58,58 @@ class StepSettings:
     """Run the transformer block as one torch.compile'd graph shared by all layers."""
 
 
-@dataclasses.dataclass(frozen=True)
-class Gradients:
-    """The gradients of one batch's objective, and the sums its metrics come from (over all ranks)."""
-
-    grads: dict[str, torch.Tensor]
-    """Dotted path -> gradient, placed like its parameter (DTensors under a sharding)."""
-    ce_sum: torch.Tensor
-    z_sum: torch.Tensor
-    n_targets: torch.Tensor
-
-
-GradientFn = Callable[[TensorDict, Batch], Gradients]
-
-
 LossSumsFn = Callable[[TensorDict, Batch], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def block_function(settings: StepSettings, sharding: Sharding | None) -> BlockFn:
+    """The function that runs one block: the plain (or compiled) block in one process; under a
+    sharding, the block of its plan (TP, CP) run on a stored block, gathered first."""
+    cfg = settings.model
+    if sharding is None:
+        return compile_block(block_for(cfg)) if settings.compile else block_for(cfg)
+    tp, cp = sharding.tp, sharding.cp
+    if tp is not None and settings.compile:
+        raise ConfigError("compile with tensor parallelism (parallel.tp > 1) is not supported yet")
+    # Resharding after forward saves memory only where parameters are sharded over data-parallel
+    # (or context-parallel) ranks. Compiled, the block gathers its own parameters inside its graph
+    # (the compiler sees the all-gather, and the reduce-scatter of the backward) and keeps them for
+    # backward.
+    # Zero-bubble pipeline schedules run a block's backward in two passes (inputs, then weights),
+    # which a recomputed (checkpointed) region does not allow: they keep the gathered weights.
+    shape = sharding.layout.shape
+    split_backward = sharding.pipeline is not None and sharding.pipeline.schedule in ZERO_BUBBLE_SCHEDULES
+    reshard = shape.dp_shard * shape.cp > 1 and not settings.compile and not split_backward
+    if tp is not None:
+        block_fn = tp_block_fn(cfg, tp, cp)
+    else:
+        block_fn = context_parallel_block(cfg, cp) if cp is not None else block_for(cfg)
+    block_fn = gathering_block(block_fn, sharding, reshard_after_forward=reshard)
+    return compile_block(block_fn) if settings.compile else block_fn
 
 
 def make_loss_sums_fn(settings: StepSettings, sharding: Sharding | None = None) -> LossSumsFn:
     """``loss_sums(params, batch) -> (ce_sum, z_sum, n_targets)`` of the model on one (micro-)batch, as
     `olmo_fn.graph.model.loss_sums` computes them, under `sharding` when given (then collective, with
-    this rank's share of the rows: the sums are this share's, not yet summed over ranks)."""
+    this rank's share of the rows, or of their positions under context parallelism: the sums are this
+    share's, not yet summed over ranks)."""
     cfg = settings.model
-    tp = sharding.tp if sharding is not None and sharding.layout.shape.tp > 1 else None
-    if tp is not None and settings.compile:
-        raise ConfigError("compile with tensor parallelism (parallel.tp > 1) is not supported yet")
-    if sharding is None:
-        block_fn = compile_block(block_for(cfg)) if settings.compile else block_for(cfg)
-    else:
-        # Resharding after forward saves memory only where parameters are sharded over data-parallel
-        # ranks. Compiled, the block gathers its own parameters inside its graph (the compiler sees
-        # the all-gather, and the reduce-scatter of the backward) and keeps them for backward.
-        reshard = sharding.layout.shape.dp_shard > 1 and not settings.compile
-        block_fn = gathering_block(
-            tp_block_fn(cfg, tp) if tp is not None else block_for(cfg),
-            sharding,
-            reshard_after_forward=reshard,
-        )
-        if settings.compile:
-            block_fn = compile_block(block_fn)
+    tp = sharding.tp if sharding is not None else None
+    cp = sharding.cp if sharding is not None else None
+    block_fn = block_function(settings, sharding)
     model_loss_sums = loss_sums if tp is None else functools.partial(tp_loss_sums, tp=tp)
 
     def sums(params: TensorDict, mb: Batch):
         kwargs = {}
-        if settings.document_masking:
+        if cp is not None:  # this rank's slice of the rows, with its RoPE tables and masks
+            mb, inputs = context_parallel_slice(
+                mb,
+                cfg,
+                cp,
+                document_masking=settings.document_masking,
+                backend=settings.attention_backend,
+            )
+            kwargs = {"inputs": inputs}
+        elif settings.document_masking:
             kwargs = {"positions": mb.positions, "doc_ids": mb.doc_ids}
         view = (
             compute_params(params, settings.compute_dtype)
@@ -148,8 +160,8 @@ def make_gradient_fn(settings: StepSettings, sharding: Sharding | None = None) -
             z_sums.append(z_sum)
         return Gradients(
             dict(zip(paths, grads, strict=True)),
-            dp_sum(torch.stack(ce_sums).sum(), sharding),
-            dp_sum(torch.stack(z_sums).sum(), sharding),
+            loss_sum(torch.stack(ce_sums).sum(), sharding),
+            loss_sum(torch.stack(z_sums).sum(), sharding),
             n_targets,
         )
 
@@ -170,7 +182,12 @@ def make_train_step(settings: StepSettings, sharding: Sharding | None = None) ->
     objective), ``logsumexp_sq`` (the unweighted mean of logsumexp(logits)², what z_loss weighs),
     ``grad_norm`` (before clipping) and ``n_targets``.
     """
-    gradient_fn = make_gradient_fn(settings, sharding)
+    if sharding is not None and sharding.pipeline is not None:
+        from olmo_fn.state.pipeline_step import make_pipeline_gradient_fn
+
+        gradient_fn = make_pipeline_gradient_fn(settings, sharding)
+    else:
+        gradient_fn = make_gradient_fn(settings, sharding)
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         result = gradient_fn(state.params, batch)

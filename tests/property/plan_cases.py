@@ -16,14 +16,16 @@ import torch
 from hypothesis import strategies as st
 
 from olmo_fn.graph import ModelConfig
-from olmo_fn.graph.param_tree import flatten
+from olmo_fn.graph.param_tree import flatten, unflatten
 from olmo_fn.io.batch import Batch
 from olmo_fn.io.instances import make_batch
 from olmo_fn.parallelize.mesh import Layout, build_mesh
 from olmo_fn.parallelize.parallel_config import MeshShape
-from olmo_fn.parallelize.placed_step import Sharding
+from olmo_fn.parallelize.placed_step import PipelineSpec, Sharding
 from olmo_fn.parallelize.plan import apply_plan, default_plan
+from olmo_fn.parallelize.world import rank_paths
 from olmo_fn.state.adamw import AdamWConfig, init_adamw_state
+from olmo_fn.state.pipeline_step import make_pipeline_gradient_fn
 from olmo_fn.state.schedule import ScheduleConfig
 from olmo_fn.state.train_state import TrainState
 from olmo_fn.state.train_step import StepSettings, make_gradient_fn, make_train_step
@@ -32,10 +34,21 @@ import reference as ref
 
 STEPS = 3
 SHAPES = {
-    2: [MeshShape(1, 2, 1), MeshShape(2, 1, 1), MeshShape(1, 1, 2)],
-    4: [MeshShape(1, 4, 1), MeshShape(2, 2, 1), MeshShape(1, 2, 2), MeshShape(2, 1, 2), MeshShape(1, 1, 4)],
+    2: [MeshShape(1, 2, 1), MeshShape(2, 1, 1), MeshShape(1, 1, 2), MeshShape(1, 1, 1, cp=2)],
+    4: [
+        MeshShape(1, 4, 1),
+        MeshShape(2, 2, 1),
+        MeshShape(1, 2, 2),
+        MeshShape(2, 1, 2),
+        MeshShape(1, 1, 4),
+        MeshShape(1, 2, 1, cp=2),
+        MeshShape(1, 1, 2, cp=2),
+        MeshShape(2, 1, 1, cp=2),
+        MeshShape(1, 1, 1, cp=4),
+    ],
 }
-"""Every supported combination per world size: FSDP, HSDP (or plain data parallel), TP, FSDP x TP, HSDP x TP."""
+"""Every supported combination per world size: FSDP, HSDP (or plain data parallel), TP, FSDP x TP,
+HSDP x TP, CP, CP x FSDP, CP x TP, CP x HSDP."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,11 +60,14 @@ class Case:
     eos: int
     shape: MeshShape
     seed: int
+    pipeline: PipelineSpec | None = None
+    """How the stages run when ``shape.pp > 1``."""
 
 
 @st.composite
-def cases(draw, world: int) -> Case:
-    shape = draw(st.sampled_from(SHAPES[world]))
+def cases(draw, world: int, shapes: list[MeshShape] | None = None) -> Case:
+    """A model, settings and batches for a plan drawn from `shapes` (default: every one at `world`)."""
+    shape = draw(st.sampled_from(shapes or SHAPES[world]))
     tp, dp = shape.tp, shape.dp
     n_kv = draw(st.sampled_from([k for k in (1, 2, 4) if k % tp == 0]))
     n_heads = n_kv * draw(st.sampled_from([1, 2]))
@@ -70,7 +86,7 @@ def cases(draw, world: int) -> Case:
         tie_embeddings=draw(st.booleans()),
     )
     rows = dp * draw(st.integers(1, 2))
-    seq = tp * draw(st.integers(2, 5))
+    seq = tp * draw(st.integers(2, 5)) if shape.cp == 1 else 2 * shape.cp * tp * draw(st.integers(1, 3))
     micro = draw(st.sampled_from([r for r in (1, 2, rows) if (rows // dp) % r == 0 or r >= rows // dp]))
     eos = 0
     eos_rate = draw(st.sampled_from([0.0, 0.15, 0.5]))  # one document per row / some / many short ones
@@ -184,7 +200,36 @@ def _gradient_norm_counting_copies():
     return lambda: setattr(train_step, "global_grad_norm", real)
 
 
+def _context_parallel_keys_taken_as_contiguous():
+    """Load balancing's bookkeeping dropped: the gathered keys taken to sit at 0..seq-1 in order,
+    though each rank holds a head and a tail chunk."""
+    import olmo_fn.parallelize.context_parallel as cp
+
+    real = cp.gathered_positions
+    cp.gathered_positions = lambda seq, size, device=None: torch.arange(seq, device=device)
+    return lambda: setattr(cp, "gathered_positions", real)
+
+
+def _context_parallel_mask_without_cross_slice_documents():
+    """The document mask kept only for keys of the rank's own slice: keys gathered from other ranks
+    are masked causally, whatever their document."""
+    import olmo_fn.parallelize.context_parallel as cp
+
+    real = cp.document_causal_mask
+
+    def own_slice_documents_only(doc_ids, window=0, q_index=None, kv_index=None):
+        exact = real(doc_ids, window, q_index, kv_index)
+        causal = real(torch.zeros_like(doc_ids), window, q_index, kv_index)
+        own = torch.isin(kv_index, q_index)
+        return torch.where(own, exact, causal)
+
+    cp.document_causal_mask = own_slice_documents_only
+    return lambda: setattr(cp, "document_causal_mask", real)
+
+
 SABOTAGE = {
+    "cp_keys_taken_as_contiguous": _context_parallel_keys_taken_as_contiguous,
+    "cp_mask_without_cross_slice_documents": _context_parallel_mask_without_cross_slice_documents,
     "data_parallel_grads_not_summed": _data_parallel_gradients_not_summed,
     "grad_norm_counts_copies": _gradient_norm_counting_copies,
     "missing_qk_norm_reduction": _missing_qk_norm_reduction,
@@ -199,25 +244,42 @@ def run_on_rank(rank: int, world: int, case: Case, sabotage: str | None = None) 
     try:
         layout = _layout(case.shape)
         plan = default_plan(case.model, case.shape, compute_dtype=torch.float64)
-        state = initial_state(case)
-        params = apply_plan(state.params, plan, layout.mesh)
+        paths = list(flatten(initial_state(case).params))
+        if case.pipeline is not None:  # this rank's stages' parameters only
+            paths = rank_paths(case.model, layout, case.pipeline)
+        sharding = Sharding.of(plan, layout, paths, case.pipeline)
+        full = flatten(initial_state(case).params)
+        params = apply_plan(unflatten({p: full[p] for p in paths}), sharding.plan, layout.mesh)
         state = TrainState(0, params, init_adamw_state(params), 0, 0)
-        sharding = Sharding.of(plan, layout, list(flatten(params)))
         share = functools.partial(rows_of, index=layout.dp_rank, parts=case.shape.dp)
-        grads = make_gradient_fn(case.settings, sharding)(state.params, share(batch(case, 0))).grads
-        full_grads = {k: v.full_tensor().detach().numpy() for k, v in grads.items()}
+        gradient_fn = (
+            make_pipeline_gradient_fn(case.settings, sharding)
+            if case.pipeline is not None
+            else make_gradient_fn(case.settings, sharding)
+        )
+        grads = gradient_fn(state.params, share(batch(case, 0))).grads
+        full_grads = _everyones({k: v.full_tensor().detach().numpy() for k, v in grads.items()})
         step_fn, losses, norms = make_train_step(case.settings, sharding), [], []
         for step in range(STEPS):
             state, metrics = step_fn(state, share(batch(case, step)))
             losses.append(metrics["loss"].item())
             norms.append(metrics["grad_norm"].item())
-        params = {k: v.full_tensor().detach().numpy() for k, v in flatten(state.params).items()}
+        params = _everyones({k: v.full_tensor().detach().numpy() for k, v in flatten(state.params).items()})
     finally:
         if undo is not None:
             undo()
     if rank != 0:
         return None
     return {"grads": full_grads, "losses": losses, "grad_norms": norms, "params": params}
+
+
+def _everyones(arrays: dict) -> dict:
+    """The union of every rank's named arrays (pipeline ranks hold different layers)."""
+    import torch.distributed as dist
+
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, arrays)
+    return {k: v for part in gathered for k, v in part.items()}
 
 
 def assert_same(got: dict, want: dict, *, tol: float = 1e-10) -> None:

@@ -37,8 +37,8 @@ def test_plans_on_four_ranks_equal_one_process(pools, case):
     check(pools(4), case)
 
 
-def _fixed_case(shape: MeshShape) -> Case:
-    """A fixed example with QK-norm and the OLMo 2 block, under `shape`."""
+def _fixed_case(shape: MeshShape, pipeline=None, n_layers: int = 1, rows: int = 2) -> Case:
+    """A fixed example with QK-norm and the OLMo 2 block, under `shape` (and `pipeline`)."""
     import numpy as np
     import torch
 
@@ -46,13 +46,13 @@ def _fixed_case(shape: MeshShape) -> Case:
     from olmo_fn.state.schedule import ScheduleConfig
     from olmo_fn.state.train_step import StepSettings
 
-    model = ModelConfig(d_model=8, n_layers=1, n_heads=2, n_kv_heads=2, mlp_hidden=4, vocab_size=12)
+    model = ModelConfig(d_model=8, n_layers=n_layers, n_heads=2, n_kv_heads=2, mlp_hidden=4, vocab_size=12)
     settings_ = StepSettings(
         model, AdamWConfig(lr=1e-2), ScheduleConfig(warmup_steps=1), STEPS, 2, torch.float64
     )
     gen = np.random.default_rng(0)
-    tokens = tuple(gen.integers(0, 12, (2, 6)) for _ in range(STEPS))
-    return Case(model, settings_, tokens, 0, shape, seed=3)
+    tokens = tuple(gen.integers(0, 12, (rows, 8)) for _ in range(STEPS))
+    return Case(model, settings_, tokens, 0, shape, seed=3, pipeline=pipeline)
 
 
 @pytest.mark.parametrize(
