@@ -29,6 +29,7 @@ PP_SHAPES = {
         MeshShape(2, 1, 1, pp=2),  # PP x HSDP (replicas)
         MeshShape(1, 1, 1, pp=4),
     ],
+    8: [MeshShape(1, 2, 2, pp=2), MeshShape(2, 2, 1, pp=2)],
 }
 STAGES_PER_RANK = {
     "gpipe": 1,
