@@ -92,3 +92,21 @@ def test_compiled_fsdp_trains_like_eager(pools):
     eager = pools(2).run(losses, False)[0]
     compiled = pools(2).run(losses, True, timeout=600)[0]
     assert compiled == pytest.approx(eager, rel=1e-5)
+
+
+@pytest.mark.parametrize("shape", [MeshShape(1, 1, 1, cp=2), MeshShape(1, 1, 1, pp=2)], ids=["CP 2", "PP 2"])
+def test_compiled_context_and_pipeline_parallel_equal_one_process(pools, shape):
+    """Compiled blocks under CP (the key/value all-gather inside the graph) and inside pipeline
+    stages give one eager process's loss, gradients and parameters (float64, 1e-10)."""
+    import dataclasses
+
+    from test_placement_plans import _fixed_case
+
+    from olmo_fn.parallelize.placed_step import PipelineSpec
+
+    from plan_cases import assert_same, reference, run_on_rank
+
+    pipeline = PipelineSpec("1f1b", 1) if shape.pp > 1 else None
+    case = _fixed_case(shape, pipeline, n_layers=2, rows=4)
+    compiled = dataclasses.replace(case, settings=dataclasses.replace(case.settings, compile=True))
+    assert_same(pools(2).run(run_on_rank, compiled, None, timeout=600)[0], reference(case))

@@ -48,3 +48,39 @@ def test_the_property_catches_a_broken_context_parallel_mask(pools, sabotage):
     check(pools(2), case)
     with pytest.raises(AssertionError, match="Not equal to tolerance"):
         check(pools(2), case, sabotage)
+
+
+def _evaluate_on_rank(rank: int, world: int, case):
+    import numpy as np
+    import torch
+
+    from olmo_fn.evaluate import EvalData, evaluate
+    from olmo_fn.graph.param_tree import flatten
+    from olmo_fn.parallelize.placed_step import Sharding
+    from olmo_fn.parallelize.plan import apply_plan, default_plan
+
+    from plan_cases import _layout, batch, initial_state
+
+    layout = _layout(case.shape)
+    plan = default_plan(case.model, case.shape, compute_dtype=torch.float64)
+    params = apply_plan(initial_state(case).params, plan, layout.mesh)
+    sharding = Sharding.of(plan, layout, list(flatten(params)))
+    data = EvalData("val", (batch(case, 0),), np.ones(case.model.vocab_size))
+    return evaluate(params, data, case.settings, torch.device("cpu"), sharding)
+
+
+def test_context_parallel_evaluation_equals_one_process(pools):
+    """Held-out evaluation adds up the cp ranks' slices: every rank reports one process's figures."""
+    import numpy as np
+    import torch
+
+    from olmo_fn.evaluate import EvalData, evaluate
+
+    from plan_cases import batch, initial_state
+
+    case = _fixed_case(MeshShape(1, 1, 1, cp=2))
+    data = EvalData("val", (batch(case, 0),), np.ones(case.model.vocab_size))
+    want = evaluate(initial_state(case).params, data, case.settings, torch.device("cpu"))
+    for got in pools(2).run(_evaluate_on_rank, case):
+        assert got.keys() == want.keys()
+        np.testing.assert_allclose([got[k] for k in want], [want[k] for k in want], rtol=1e-12)
