@@ -36,9 +36,12 @@ from olmo_fn.graph.model import AttentionBackend, BlockFn, LayerInputs
 from olmo_fn.graph.rope import rope_tables
 from olmo_fn.io.batch import Batch
 from olmo_fn.parallelize.axis_group import AxisGroup
+from olmo_fn.parallelize.split_collectives import gather_along
 
-# Differentiable all-gather (backward: reduce-scatter), traceable by torch.compile.
-_all_gather = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
+# Differentiable all-gather (backward: reduce-scatter) that torch.compile traces into its graph.
+_traceable_all_gather = (
+    getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
+)
 
 
 def slice_positions(seq: int, cp: int, rank: int, device: torch.device | None = None) -> torch.Tensor:
@@ -56,8 +59,12 @@ def gathered_positions(seq: int, cp: int, device: torch.device | None = None) ->
 
 
 def gather_keys(t: torch.Tensor, cp: AxisGroup) -> torch.Tensor:
-    """(batch, heads, seq / cp, d_head) -> (batch, heads, seq, d_head) in `gathered_positions` order."""
-    return _all_gather(t.contiguous(), 2, cp.group)
+    """(batch, heads, seq / cp, d_head) -> (batch, heads, seq, d_head) in `gathered_positions` order;
+    backward: reduce-scatter. Compiled, the functional collective (in the graph); eager, the list
+    collectives (the functional one's eager backward once segfaulted a gloo process, torch 2.13 CPU)."""
+    if torch.compiler.is_compiling():
+        return _traceable_all_gather(t.contiguous(), 2, cp.group)
+    return gather_along(t, cp, 2)
 
 
 def attention_over_slices(cp: AxisGroup) -> AttentionFn:

@@ -37,35 +37,9 @@ from olmo_fn.graph.norms import rms_norm
 from olmo_fn.graph.rope import apply_rope
 from olmo_fn.parallelize.axis_group import AxisGroup
 from olmo_fn.parallelize.context_parallel import gather_keys
+from olmo_fn.parallelize.split_collectives import gather_along, reduce_scatter_along
 
-# ---- the four collectives, each with the backward that keeps gradients exact -------------------------
-
-
-class _GatherSeq(torch.autograd.Function):
-    """All positions from each rank's slice (all-gather on dim 1); backward: the gradient summed over
-    ranks, each rank keeping its own positions (reduce-scatter)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, tp: AxisGroup) -> torch.Tensor:
-        ctx.tp = tp
-        return _all_gather_dim1(x, tp)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return _reduce_scatter_dim1(grad, ctx.tp), None
-
-
-class _ReduceScatterSeq(torch.autograd.Function):
-    """Partial sums over ranks, summed, each rank keeping its own positions; backward: all-gather."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, tp: AxisGroup) -> torch.Tensor:
-        ctx.tp = tp
-        return _reduce_scatter_dim1(x, tp)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return _all_gather_dim1(grad, ctx.tp), None
+# ---- the collectives, each with the backward that keeps gradients exact -------------------------
 
 
 class _SumUsedApart(torch.autograd.Function):
@@ -101,27 +75,14 @@ class _SumUsedAlike(torch.autograd.Function):
         return grad, None
 
 
-def _all_gather_dim1(x: torch.Tensor, tp: AxisGroup) -> torch.Tensor:
-    parts = [torch.empty_like(x) for _ in range(tp.size)]
-    dist.all_gather(parts, x.contiguous(), group=tp.group)
-    return torch.cat(parts, dim=1)
-
-
-def _reduce_scatter_dim1(x: torch.Tensor, tp: AxisGroup) -> torch.Tensor:
-    parts = [part.contiguous() for part in x.chunk(tp.size, dim=1)]
-    out = torch.empty_like(parts[0])
-    dist.reduce_scatter(out, parts, group=tp.group)
-    return out
-
-
 def gather_seq(x: torch.Tensor, tp: AxisGroup) -> torch.Tensor:
-    """(batch, seq / tp, d) -> (batch, seq, d)."""
-    return _GatherSeq.apply(x, tp)
+    """(batch, seq / tp, d) -> (batch, seq, d); backward: reduce-scatter."""
+    return gather_along(x, tp, 1)
 
 
 def reduce_scatter_seq(x: torch.Tensor, tp: AxisGroup) -> torch.Tensor:
-    """(batch, seq, d) partial sums -> (batch, seq / tp, d) sums."""
-    return _ReduceScatterSeq.apply(x, tp)
+    """(batch, seq, d) partial sums -> (batch, seq / tp, d) sums; backward: all-gather."""
+    return reduce_scatter_along(x, tp, 1)
 
 
 # ---- the model, on local shards --------------------------------------------------------------------
