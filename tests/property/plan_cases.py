@@ -227,6 +227,31 @@ def _context_parallel_mask_without_cross_slice_documents():
     return lambda: setattr(cp, "document_causal_mask", real)
 
 
+def _pipeline_loss_sums_not_summed_over_stages():
+    """The loss sums taken from this rank's stages only: ranks before the last report zero."""
+    import olmo_fn.state.pipeline_step as pipeline_step
+
+    real = pipeline_step.pipeline_sum
+    pipeline_step.pipeline_sum = lambda value, sharding: value.detach().clone()
+    return lambda: setattr(pipeline_step, "pipeline_sum", real)
+
+
+def _pipeline_grad_norm_not_summed_over_stages():
+    """The gradient norm of this rank's stages only, as if there were one pipeline stage."""
+    import olmo_fn.state.train_step as train_step
+    from olmo_fn.parallelize.mesh import Layout
+
+    real = train_step.global_grad_norm
+
+    def own_stages_only(grads, sharding):
+        layout = sharding.layout
+        one_stage = Layout(layout.full_mesh, dataclasses.replace(layout.shape, pp=1))
+        return real(grads, dataclasses.replace(sharding, layout=one_stage))
+
+    train_step.global_grad_norm = own_stages_only
+    return lambda: setattr(train_step, "global_grad_norm", real)
+
+
 SABOTAGE = {
     "cp_keys_taken_as_contiguous": _context_parallel_keys_taken_as_contiguous,
     "cp_mask_without_cross_slice_documents": _context_parallel_mask_without_cross_slice_documents,
@@ -234,6 +259,8 @@ SABOTAGE = {
     "grad_norm_counts_copies": _gradient_norm_counting_copies,
     "missing_qk_norm_reduction": _missing_qk_norm_reduction,
     "norm_grads_not_summed": _norm_gradients_not_summed_over_tp,
+    "pp_grad_norm_not_summed": _pipeline_grad_norm_not_summed_over_stages,
+    "pp_loss_sums_not_summed": _pipeline_loss_sums_not_summed_over_stages,
 }
 """Deliberate bugs a job can switch on, for the negative controls: name -> patch (returning its undo)."""
 

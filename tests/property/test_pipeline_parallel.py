@@ -114,3 +114,13 @@ def test_pipeline_evaluation_equals_one_process(pools, schedule):
     want = [t.item() for t in make_loss_sums_fn(case.settings)(initial_state(case).params, batch(case, 0))]
     for got in pools(2).run(_evaluate_on_rank, case):
         np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+@pytest.mark.parametrize("sabotage", ["pp_loss_sums_not_summed", "pp_grad_norm_not_summed"])
+def test_the_property_catches_a_missing_sum_over_stages(pools, sabotage):
+    """Negative control: the fixed example passes under PP 2 and fails when the loss sums, or the
+    gradient norm that clipping divides by, are left unsummed over the pipeline stages."""
+    case = _fixed_case(MeshShape(1, 1, 1, pp=2), PipelineSpec("1f1b", 1), n_layers=4, rows=4)
+    check(pools(2), case)
+    with pytest.raises(AssertionError, match="Not equal to tolerance"):
+        check(pools(2), case, sabotage)
