@@ -16,19 +16,29 @@ import torch.distributed as dist
 
 from olmo_fn.config import DEFAULT_PRESET, PresetName
 from olmo_fn.errors import ConfigError
-from olmo_fn.graph.config import ModelConfig
+from olmo_fn.graph.config import ModelConfig, matrix_dims
 from olmo_fn.graph.flops import count_params, flops_per_token
 from olmo_fn.graph.model import AttentionBackend
 from olmo_fn.graph.presets import PRESETS
 from olmo_fn.io.batch import Batch
 from olmo_fn.io.instances import make_batch
+from olmo_fn.parallelize.activation_checkpoint import ActivationCheckpointing, checkpointing_problems
+from olmo_fn.parallelize.fp8 import Fp8Recipe, fp8_problems
 from olmo_fn.parallelize.mesh import launched_world
 from olmo_fn.parallelize.parallel_config import ParallelConfig, resolve_mesh_shape
 from olmo_fn.parallelize.world import World, start_world
-from olmo_fn.runtime import device_name, resolve_compile, resolve_device, resolve_dtype
+from olmo_fn.runtime import (
+    device_name,
+    fp8_emulated,
+    resolve_compile,
+    resolve_device,
+    resolve_dtype,
+    resolve_loss_chunk,
+)
 from olmo_fn.state.adamw import AdamWConfig
 from olmo_fn.state.checkpoint import latest_checkpoint, load_checkpoint
 from olmo_fn.state.checkpoint_writer import CheckpointConfig, CheckpointWriter
+from olmo_fn.state.compiled_step import step_compile_problems
 from olmo_fn.state.schedule import ScheduleConfig
 from olmo_fn.state.train_state import empty_train_state, init_train_state
 from olmo_fn.state.train_step import StepSettings, make_train_step
@@ -67,8 +77,26 @@ class BenchConfig:
     """auto: cuda when available, else cpu."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """Compute dtype (parameters and optimizer state stay fp32). auto: bfloat16 on CUDA, float32 on CPU."""
-    compile: Literal["auto", "on", "off"] = "auto"
-    """Compile the transformer block with torch.compile. auto: on for CUDA."""
+    compile: Literal["auto", "on", "off", "step"] = "auto"
+    """on: compile the transformer block with torch.compile (one graph for all layers); step: compile
+    the whole update (forward, backward, clipping, AdamW) as one graph, in one process; auto: on for
+    CUDA (and wherever --ac budget needs the compiler), else off."""
+    ac: ActivationCheckpointing = "none"
+    """Activation checkpointing policy of every block: none, full, selective or budget (as in train)."""
+    ac_budget: float = 0.5
+    """With --ac budget: the share of an unchecked block's activations that may be kept."""
+    fp8: Fp8Recipe = "none"
+    """Multiply the block linears in float8 through torchao (the fp8 extra): tensorwise or rowwise
+    dynamic scaling; the embedding and LM head stay in the compute dtype. Emulated on CPU."""
+    loss_chunk_tokens: int | None = None
+    """LM head and loss this many positions at a time; None (auto): chunked for large logits; 0: never."""
+    profile_dir: str | None = None
+    """After the timed steps, profile two more with torch.profiler: writes profile.txt (the ops and
+    kernels that took the most time, self and total) and trace.json (for Perfetto) into this directory."""
+    track_memory: bool = False
+    """After the timed steps, run one more under torch's memory tracker and report the peak bytes of
+    the tensors the step makes (activations, gradients, temporaries; not the parameters and optimizer
+    state it starts with), by kind. Slow; works on CPU too."""
     checkpoint_interval: int = 0
     """Also save a checkpoint every this many timed steps (into a temporary directory); 0: never."""
     async_save: bool = False
@@ -85,6 +113,16 @@ class BenchConfig:
                 raise ConfigError(f"bench.{name}={getattr(self, name)} must be >= 1")
         if self.checkpoint_interval < 0:
             raise ConfigError(f"bench.checkpoint_interval={self.checkpoint_interval} must be >= 0")
+        problems = checkpointing_problems(
+            self.ac, self.ac_budget, self.parallel.pp_schedule if self.parallel.pp > 1 else None
+        )
+        problems += fp8_problems(self.fp8, matrix_dims(self.model))
+        if self.compile == "step":
+            problems += step_compile_problems(self, sharded=self.parallel.splits_work)
+        if problems:
+            raise ConfigError("bench: " + "; ".join(problems))
+        if self.loss_chunk_tokens is not None and self.loss_chunk_tokens < 0:
+            raise ConfigError(f"bench.loss_chunk_tokens={self.loss_chunk_tokens} must be >= 0 (0: never)")
         if not 0 < self.warmup < self.steps:
             raise ConfigError(f"bench.warmup={self.warmup} must be between 1 and steps-1={self.steps - 1}")
 
@@ -103,6 +141,41 @@ def _peak_mem_gib(device: torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**30
     kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # peak resident set size of the process
     return kib / 2**20
+
+
+def _profiled_steps(step_fn, state, batches: list[Batch], device: torch.device, out: str):
+    """Steps under torch.profiler; the table of the costliest ops and a Chrome trace go into `out`."""
+    from pathlib import Path
+
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities, record_shapes=True) as prof:
+        for batch in batches:
+            state, _ = step_fn(state, batch)
+        _sync(device)
+    directory = Path(out)
+    directory.mkdir(parents=True, exist_ok=True)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=40)
+    (directory / "profile.txt").write_text(table + "\n")
+    prof.export_chrome_trace(str(directory / "trace.json"))
+    return state, {"profile": str(directory / "profile.txt")}
+
+
+def _tracked_step(step_fn, state, batch: Batch, device: torch.device):
+    """One more step under torch's memory tracker: the peak bytes of the tensors it makes, by kind."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    tracker = MemTracker()
+    with tracker:
+        state, _ = step_fn(state, batch)
+        _sync(device)
+        peak = tracker.get_tracker_snapshot("peak").get(device, {})
+    kinds = {
+        str(kind.value).lower(): round(b / 2**30, 4) for kind, b in peak.items() if kind != "Total" and b
+    }
+    return state, {"tracked_peak_gib": round(peak.get("Total", 0) / 2**30, 4), "tracked_by_kind_gib": kinds}
 
 
 def _sync(device: torch.device) -> None:
@@ -148,7 +221,14 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     rank 0 prints them)."""
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    compiled = resolve_compile(cfg.compile, device, tensor_parallel=cfg.parallel.tp > 1)
+    compiled = resolve_compile(cfg.compile, device, tensor_parallel=cfg.parallel.tp > 1, ac=cfg.ac)
+    if cfg.compile == "step" and launched_world()[1] > 1:
+        raise ConfigError("compile=step runs in one process; under torchrun use compile=on")
+    if cfg.track_memory and (compiled or cfg.compile == "step"):
+        raise ConfigError(
+            "track_memory uses a torch dispatch mode, which torch.compile cannot trace: pass --compile off "
+            "(a compiled run's peak_mem_gib is the CUDA allocator's peak)"
+        )
     batch_rows = cfg.micro_batch_size * cfg.grad_accum  # per data-parallel rank
     dp = resolve_mesh_shape(cfg.parallel, launched_world()[1]).dp
     world, device = start_world(
@@ -170,6 +250,14 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         attention_backend=cfg.attention_backend,
         document_masking=cfg.document_masking,
         compile=compiled,
+        ac=cfg.ac,
+        ac_budget=cfg.ac_budget,
+        loss_chunk_tokens=resolve_loss_chunk(
+            cfg.loss_chunk_tokens, cfg.micro_batch_size * cfg.seq_len, cfg.model.vocab_size
+        ),
+        fp8=cfg.fp8,
+        fp8_emulate=fp8_emulated(device),
+        compile_step=cfg.compile == "step",
     )
     step_fn = make_train_step(settings, world.sharding if world is not None else None)
     state = init_train_state(cfg.model, seed=cfg.seed, device=device)
@@ -210,6 +298,14 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
             _checkpoint_figures(scratch, writer, cfg, device) if writer.last_saved_step else {}
         )
 
+    profiled = {}
+    if cfg.profile_dir is not None and (world is None or world.is_coordinator):
+        state, profiled = _profiled_steps(
+            step_fn, state, [random_batch(), random_batch()], device, cfg.profile_dir
+        )
+    tracked = {}
+    if cfg.track_memory:
+        state, tracked = _tracked_step(step_fn, state, random_batch(), device)
     if world is not None:
         world.barrier()
         dist.destroy_process_group()
@@ -231,10 +327,15 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         "first_step_s": round(first_step_s, 3),
         "step_s": round(step_s, 6),
         "final_loss": round(float(metrics["loss"]), 4),
+        **tracked,
+        **profiled,
         **checkpoint_figures,
         "device": device_name(device),
         "dtype": str(dtype).removeprefix("torch."),
-        "compile": compiled,
+        "compile": "step" if cfg.compile == "step" else compiled,
+        "ac": cfg.ac if cfg.ac != "budget" else f"budget {cfg.ac_budget:g}",
+        "loss_chunk_tokens": settings.loss_chunk_tokens,
+        "fp8": None if cfg.fp8 == "none" else cfg.fp8 + (" (emulated)" if settings.fp8_emulate else ""),
         "processes": world.size if world is not None else 1,
         "mesh": str(world.shape) if world is not None else None,
         "torch": torch.__version__,

@@ -18,13 +18,16 @@ import orjson
 
 from olmo_fn.errors import ConfigError
 from olmo_fn.evaluate import EvalConfig
-from olmo_fn.graph.config import ModelConfig
+from olmo_fn.graph.config import ModelConfig, matrix_dims
 from olmo_fn.graph.model import AttentionBackend
 from olmo_fn.graph.presets import PRESETS
 from olmo_fn.io.loader import DataConfig
+from olmo_fn.parallelize.activation_checkpoint import ActivationCheckpointing, checkpointing_problems
+from olmo_fn.parallelize.fp8 import Fp8Recipe, fp8_problems
 from olmo_fn.parallelize.parallel_config import ParallelConfig
 from olmo_fn.state.adamw import AdamWConfig
 from olmo_fn.state.checkpoint_writer import CheckpointConfig
+from olmo_fn.state.compiled_step import step_compile_problems
 from olmo_fn.state.schedule import ScheduleConfig
 
 PresetName = Literal[tuple(PRESETS)]  # type: ignore[valid-type]
@@ -61,8 +64,23 @@ class TrainConfig:
     """auto: cuda when available, else cpu."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """Compute dtype (parameters and optimizer state stay fp32). auto: bfloat16 on CUDA, float32 on CPU."""
-    compile: Literal["auto", "on", "off"] = "auto"
-    """Compile the transformer block with torch.compile (one graph for all layers). auto: on for CUDA."""
+    compile: Literal["auto", "on", "off", "step"] = "auto"
+    """on: compile the transformer block with torch.compile (one graph for all layers); step: compile
+    the whole update (forward, backward, clipping, AdamW) as one graph, in one process; auto: on for
+    CUDA (and wherever --ac budget needs the compiler), else off."""
+    ac: ActivationCheckpointing = "none"
+    """Activation checkpointing of every block. full: keep only block inputs, recompute the rest;
+    selective: keep matmul and attention outputs, recompute norms, activations and parameter gathers;
+    budget: torch.compile's partitioner keeps at most --ac-budget of the activations (needs compile)."""
+    ac_budget: float = 0.5
+    """With --ac budget: the share of an unchecked block's activations that may be kept, in (0, 1]."""
+    fp8: Fp8Recipe = "none"
+    """Multiply the block linears in float8 through torchao (the fp8 extra): tensorwise or rowwise
+    dynamic scaling; the embedding and LM head stay in the compute dtype. Emulated on CPU."""
+    loss_chunk_tokens: int | None = None
+    """Compute the LM head and loss this many positions at a time, never holding the whole logits or
+    their gradient. None (auto): chunks of 4096 when a micro-batch's logits would exceed 2^26 values;
+    0: never."""
     threads: int | None = None
     """Intra-op CPU threads. None: OMP_NUM_THREADS when set, else the cores not busy with other work
     when the run starts (a run on a shared machine then slows down gently instead of collapsing)."""
@@ -89,6 +107,13 @@ class TrainConfig:
             problems.append(
                 f"global_batch_size={self.global_batch_size} is not a multiple of micro_batch_size={micro}"
             )
+        pp_schedule = self.parallel.pp_schedule if self.parallel.pp > 1 else None
+        problems += checkpointing_problems(self.ac, self.ac_budget, pp_schedule)
+        problems += fp8_problems(self.fp8, matrix_dims(self.model))
+        if self.compile == "step":
+            problems += step_compile_problems(self, sharded=self.parallel.splits_work)
+        if self.loss_chunk_tokens is not None and self.loss_chunk_tokens < 0:
+            problems.append(f"loss_chunk_tokens={self.loss_chunk_tokens} must be >= 0 (0: never chunk)")
         if self.threads is not None and self.threads < 1:
             problems.append(f"threads={self.threads} must be >= 1 (or None: chosen from the idle cores)")
         if not 0 <= self.z_loss < math.inf:
@@ -128,6 +153,10 @@ RUNTIME_FIELDS = frozenset(
         "device",
         "dtype",
         "compile",
+        "ac",  # recomputation and chunking change only float rounding, not the math
+        "ac_budget",
+        "loss_chunk_tokens",
+        "fp8",  # a numeric format, like dtype
         "threads",
         "parallel",  # placements change where the math runs, not what it computes
         "checkpoint",

@@ -27,7 +27,7 @@ class ConvertToHf:
     """A run directory, checkpoint directory or olmo_fn export."""
     out: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="OUT")]
     """A new (or empty) directory."""
-    arch: Literal["auto", "olmo2", "olmo3", "llama"] = "auto"
+    arch: Literal["auto", "olmo2", "olmo3", "llama", "qwen3"] = "auto"
     """Hugging Face architecture; auto picks the one that computes this model."""
     dtype: Dtype = "float32"
     """dtype of the written weights."""

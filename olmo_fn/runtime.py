@@ -33,17 +33,57 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def resolve_compile(choice: str, device: torch.device, *, tensor_parallel: bool = False) -> bool:
-    """ "auto" -> compile on CUDA only (on CPU a cold compile costs more than a short run gains).
+def resolve_compile(
+    choice: str, device: torch.device, *, tensor_parallel: bool = False, ac: str = "none"
+) -> bool:
+    """ "auto" -> compile on CUDA only (on CPU a cold compile costs more than a short run gains), and
+    wherever ``ac="budget"`` asks for the compiler's partitioner.
 
     Tensor-parallel blocks are not compiled yet: "auto" leaves them eager, "on" is refused."""
+    if ac == "budget" and (choice == "off" or tensor_parallel):
+        why = "compile=off" if choice == "off" else "parallel.tp > 1 (which runs eagerly)"
+        raise ConfigError(
+            f"ac=budget is chosen by torch.compile's partitioner and cannot run with {why}; "
+            "use --ac full or --ac selective"
+        )
     if tensor_parallel:
         if choice == "on":
             raise ConfigError(
                 "compile=on with parallel.tp > 1 is not supported yet (compile=auto runs TP eagerly)"
             )
         return False
-    return device.type == "cuda" if choice == "auto" else choice == "on"
+    if choice == "auto":
+        return device.type == "cuda" or ac == "budget"
+    return choice in ("on", "step")
+
+
+def fp8_emulated(device: torch.device) -> bool:
+    """Whether float8 matmuls must be emulated on `device`: everywhere but CUDA GPUs with float8
+    tensor cores (compute capability 8.9 and up: Ada, Hopper, Blackwell)."""
+    if device.type != "cuda":
+        return True
+    return torch.cuda.get_device_capability(device) < (8, 9)
+
+
+AUTO_LOSS_CHUNK_TOKENS = 4096
+"""Positions per chunk of the LM head and loss when `resolve_loss_chunk` chooses to chunk."""
+AUTO_LOSS_CHUNK_ABOVE = 2**26
+"""Logits values per micro-batch (256 MiB in fp32) above which the loss is chunked by default."""
+
+
+def resolve_loss_chunk(choice: int | None, tokens_per_micro_batch: int, vocab_size: int) -> int | None:
+    """The loss's chunk size in positions, or None for all at once.
+
+    choice None: chunks of `AUTO_LOSS_CHUNK_TOKENS` when a micro-batch's logits would hold more than
+    `AUTO_LOSS_CHUNK_ABOVE` values (small models on short rows gain nothing from chunking); 0: never;
+    n > 0: chunks of n positions.
+    """
+    if choice is None:
+        big = tokens_per_micro_batch * vocab_size > AUTO_LOSS_CHUNK_ABOVE
+        return AUTO_LOSS_CHUNK_TOKENS if big and tokens_per_micro_batch > AUTO_LOSS_CHUNK_TOKENS else None
+    if choice < 0:
+        raise ConfigError(f"loss_chunk_tokens={choice} must be >= 0 (0: never chunk; unset: auto)")
+    return choice or None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,6 +27,7 @@ from olmo_fn.io.atomic import write_json
 from olmo_fn.io.loader import Prefetcher, TrainingData, open_training_data
 from olmo_fn.io.metrics_log import MetricsLog, truncate_metrics
 from olmo_fn.io.text_tokenizer import open_tokenizer_json
+from olmo_fn.parallelize.mesh import launched_world
 from olmo_fn.parallelize.world import World, start_world
 from olmo_fn.progress import StepProgress
 from olmo_fn.run_dir import TOKENIZER, RunStart, check_run_dir_writable, inspect_run_dir, keep_tokenizer
@@ -34,14 +35,16 @@ from olmo_fn.runtime import (
     CpuThreads,
     choose_cpu_threads,
     device_name,
+    fp8_emulated,
     resolve_compile,
     resolve_device,
     resolve_dtype,
+    resolve_loss_chunk,
 )
 from olmo_fn.state.checkpoint import load_checkpoint, remove_incomplete
 from olmo_fn.state.checkpoint_writer import CheckpointWriter
 from olmo_fn.state.train_state import TrainState, current_versions, empty_train_state, init_train_state
-from olmo_fn.state.train_step import StepSettings, make_train_step
+from olmo_fn.state.train_step import StepSettings, execution_text, make_train_step
 
 
 class TrainingError(OlmoFnError, RuntimeError):
@@ -172,7 +175,9 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
     device = resolve_device(cfg.device)
     if cfg.resume and cfg.run_dir is None:
         raise ConfigError("--resume needs --run-dir: the run directory to resume")
-    compiled = resolve_compile(cfg.compile, device, tensor_parallel=cfg.parallel.tp > 1)
+    compiled = resolve_compile(cfg.compile, device, tensor_parallel=cfg.parallel.tp > 1, ac=cfg.ac)
+    if cfg.compile == "step" and launched_world()[1] > 1:
+        raise ConfigError("compile=step runs in one process; under torchrun use compile=on")
     if cfg.parallel.pp > 1 and cfg.parallel.pp_schedule == "zbv" and cfg.eval.interval:
         raise ConfigError(
             "evaluation under parallel.pp_schedule=zbv is not supported (its V-shaped stages have no "
@@ -243,6 +248,14 @@ def _train(
         attention_backend=cfg.attention_backend,
         document_masking=cfg.document_masking,
         compile=compiled,
+        ac=cfg.ac,
+        ac_budget=cfg.ac_budget,
+        loss_chunk_tokens=resolve_loss_chunk(
+            cfg.loss_chunk_tokens, cfg.micro_batch * cfg.data.seq_len, cfg.model.vocab_size
+        ),
+        fp8=cfg.fp8,
+        fp8_emulate=fp8_emulated(device),
+        compile_step=cfg.compile == "step",
     )
     sharding = world.sharding if world is not None else None
     step_fn = make_train_step(settings, sharding)
@@ -254,7 +267,7 @@ def _train(
         f"{cfg.preset}: {count_params(cfg.model) / 1e6:,.2f}M params, {len(data):,} instances "
         f"of {cfg.data.seq_len} tokens, {cfg.steps} steps x {cfg.global_batch_size * cfg.data.seq_len:,} "
         f"tokens on {where}, {str(settings.compute_dtype).removeprefix('torch.')}"
-        f"{', compiled' if settings.compile else ''} -> {run_dir}",
+        f"{', compiled' if settings.compile else ''}{execution_text(settings)} -> {run_dir}",
     )
 
     # On an asynchronous device, step k's metrics are read only after step k+1 is queued, so the

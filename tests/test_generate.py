@@ -151,6 +151,37 @@ def random_hf_model(arch: str, vocab_size: int):
             transformers.LlamaConfig,
             dict(num_hidden_layers=2, num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=1e4),
         ),
+        # RoPE scaled for a context longer than the 8 positions "trained": the 22 generated reach beyond
+        "llama-rope-llama3": (
+            transformers.LlamaConfig,
+            dict(
+                num_hidden_layers=2,
+                num_key_value_heads=2,
+                rope_parameters={
+                    "rope_type": "llama3",
+                    "rope_theta": 1e4,
+                    "factor": 4.0,
+                    "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 8,
+                },
+            ),
+        ),
+        "qwen3-rope-yarn": (
+            transformers.Qwen3Config,
+            dict(
+                num_hidden_layers=2,
+                num_key_value_heads=2,
+                head_dim=16,
+                max_position_embeddings=32,
+                rope_parameters={
+                    "rope_type": "yarn",
+                    "rope_theta": 1e4,
+                    "factor": 4.0,
+                    "original_max_position_embeddings": 8,
+                },
+            ),
+        ),
     }[arch]
     config = config_cls(
         hidden_size=64,
@@ -171,7 +202,7 @@ def random_hf_model(arch: str, vocab_size: int):
     return model
 
 
-@pytest.mark.parametrize("arch", ["olmo2", "olmo3", "llama"])
+@pytest.mark.parametrize("arch", ["olmo2", "olmo3", "llama", "llama-rope-llama3", "qwen3-rope-yarn"])
 def test_greedy_equals_transformers_generate(arch, tmp_path, gen):
     model = random_hf_model(arch, vocab_size=96)
     model.save_pretrained(tmp_path / "hf", safe_serialization=True)

@@ -1,5 +1,6 @@
-"""Hugging Face interop: logits equal transformers' for Olmo2, Olmo3 (sliding windows) and Llama;
-import then export is lossless; what cannot be computed exactly is refused by name."""
+"""Hugging Face interop: logits equal transformers' for Olmo2, Olmo3 (sliding windows), Llama (with
+Llama 3, YaRN and linear RoPE scaling, and a GeGLU MLP) and Qwen3 (per-head QK-norm); import then
+export is lossless; what cannot be computed exactly is refused by name."""
 
 from __future__ import annotations
 
@@ -69,6 +70,72 @@ HF_MODELS = {
             vocab_size=90,
             rope_theta=5e5,
             rms_norm_eps=1e-5,
+        ),
+    ),
+    "llama-rope-llama3": (
+        transformers.LlamaConfig,
+        dict(
+            hidden_size=64,
+            intermediate_size=80,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=70,
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 5e5,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 32,
+            },
+        ),
+    ),
+    "llama-rope-yarn-geglu": (
+        transformers.LlamaConfig,
+        dict(
+            hidden_size=64,
+            intermediate_size=80,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            vocab_size=70,
+            hidden_act="gelu_pytorch_tanh",
+            max_position_embeddings=128,
+            rope_parameters={
+                "rope_type": "yarn",
+                "rope_theta": 1e4,
+                "factor": 4.0,
+                "original_max_position_embeddings": 32,
+                "beta_fast": 16.0,
+                "beta_slow": 2.0,
+            },
+        ),
+    ),
+    "llama-rope-linear-gelu": (
+        transformers.LlamaConfig,
+        dict(
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            vocab_size=60,
+            hidden_act="gelu",
+            rope_parameters={"rope_type": "linear", "rope_theta": 1e4, "factor": 3.0},
+        ),
+    ),
+    "qwen3": (
+        transformers.Qwen3Config,
+        dict(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            vocab_size=80,
+            rms_norm_eps=1e-6,
         ),
     ),
     "llama-tied": (
@@ -182,9 +249,32 @@ def test_exported_olmo_fn_model_runs_in_transformers(cfg, tmp_path, gen):
 def test_unsupported_features_are_refused_by_name(tmp_path):
     base = orjson.loads(random_hf_model("llama-gqa").config.to_json_string())
     for change, needle in [
-        ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}}, "rope_parameters"),
+        (
+            {"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}},
+            "needs original_max",
+        ),
+        (
+            {"rope_parameters": {"rope_type": "dynamic", "rope_theta": 5e5, "factor": 2.0}},
+            "rope_type='dynamic'",
+        ),
+        (
+            {
+                "rope_parameters": {
+                    "rope_type": "yarn",
+                    "factor": 2.0,
+                    "mscale": 0.7,
+                    "original_max_position_embeddings": 8,
+                }
+            },
+            "with mscale",
+        ),
+        (
+            {"rope_parameters": {"rope_type": "default", "partial_rotary_factor": 0.5}},
+            "partial_rotary_factor",
+        ),
+        ({"rope_parameters": {"rope_type": "linear", "factor": -1.0}}, "factor=-1.0"),
         ({"attention_bias": True}, "attention_bias=true"),
-        ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
+        ({"hidden_act": "relu"}, "hidden_act='relu'"),
         ({"head_dim": 32}, "head_dim=32"),
         ({"model_type": "mistral"}, "model_type 'mistral' is not supported"),
     ]:
@@ -206,3 +296,21 @@ def test_sharded_checkpoints_are_read(tmp_path, gen):
     ids = torch.randint(0, cfg.vocab_size, (1, 9), generator=gen)
     assert (logits(params, ids, cfg) - hf_logits(model, ids)).abs().max().item() < 1e-4
     assert dataclasses.asdict(cfg)["n_kv_heads"] == 2 and len(flatten(params)) > 0
+
+
+@pytest.mark.parametrize("name", ["llama-rope-yarn-geglu", "qwen3"])
+def test_convert_from_hf_then_train_and_export_again(name, tmp_path, gen):
+    """A RoPE-scaled GeGLU Llama and a Qwen3 go through `convert from-hf` and back out with
+    `convert to-hf`, computing transformers' logits at both ends."""
+    from olmo_fn.io.model_source import load_model
+    from olmo_fn.run import main
+
+    model = random_hf_model(name)
+    model.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    assert main(["convert", "from-hf", str(tmp_path / "hf"), str(tmp_path / "ours")]) == 0
+    ours = load_model(tmp_path / "ours")
+    ids = torch.randint(0, ours.cfg.vocab_size, (2, 40), generator=gen)
+    assert (logits(ours.params, ids, ours.cfg) - hf_logits(model, ids)).abs().max().item() < 1e-4
+    assert main(["convert", "to-hf", str(tmp_path / "ours"), str(tmp_path / "again")]) == 0
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "again", attn_implementation="eager")
+    assert (hf_logits(again.eval(), ids) - hf_logits(model, ids)).abs().max().item() < 1e-5

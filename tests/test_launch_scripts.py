@@ -22,3 +22,46 @@ def test_slurm_script_is_valid_shell_with_a_valid_train_command():
     cfg = parse(args)
     assert isinstance(cfg, TrainConfig) and cfg.preset == "olmo2-7b" and cfg.parallel.dp_shard == -1
     assert cfg.checkpoint.async_save and cfg.data.seq_len == 4096
+
+
+def test_bench_h100_script_rows_are_valid_bench_commands():
+    """Every GPU row of experiments/bench_h100.sh parses as a bench command (no GPU needed)."""
+    from olmo_fn.bench import BenchConfig
+
+    script = ROOT / "experiments/bench_h100.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    text = script.read_text()
+    env = dict(re.findall(r'^(ONE_B|SMALL)="([^"]*)"', text, re.M))
+    rows = re.findall(r'^  "([\w-]+)\|([^"]*)"$', text, re.M)
+    assert len(rows) == 12
+    for name, args in rows:
+        args = args.replace("$ONE_B", env["ONE_B"]).replace("$SMALL", env["SMALL"]).replace("$OUT", "out")
+        cfg = parse(["bench", *shlex.split(args)])
+        assert isinstance(cfg, BenchConfig) and cfg.seq_len == 4096, name
+        assert cfg.preset in ("olmo2-1b", "olmo2-190m"), name
+
+
+def test_bench_h100_script_cpu_variant_runs(tmp_path):
+    """The CPU-sized variant of the comparison: every row runs and reports ac, fp8, compile, memory."""
+    import json
+    import os
+    import sys
+
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "results"
+    done = subprocess.run(
+        ["bash", str(ROOT / "experiments/bench_h100.sh"), "--cpu", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 12 and not [r for r in rows if r.get("failed")], rows
+    by_name = {r["row"]: r["result"] for r in rows}
+    assert by_name["1b-fp8-tensorwise"]["fp8"] == "tensorwise (emulated)"
+    assert by_name["1b-bf16-ac-selective"]["ac"] == "selective"
+    assert all(r["result"]["peak_mem_gib"] > 0 and r["result"]["tokens_per_s"] > 0 for r in rows)
+    assert (out / "profile-1b-bf16" / "profile.txt").read_text().count("aten::mm") >= 1

@@ -128,6 +128,12 @@ def test_layer_windows_follow_the_pattern_with_a_full_last_layer():
     assert cfg.layer_windows == (3, 3, 0, 3, 3, 0)
     assert dataclasses.replace(cfg, n_layers=5).layer_windows == (3, 3, 0, 3, 0)
     assert dataclasses.replace(cfg, n_layers=5, full_last_layer=False).layer_windows == (3, 3, 0, 3, 3)
+    assert PRESETS["olmo3-32b"].layer_windows == (4096, 4096, 4096, 0) * 16
+    assert PRESETS["olmo3-190m"].layer_windows == (4096, 4096, 4096, 0) * 3
+    # OLMo 3 32B has 32.2 B parameters (with the 100,352-row vocabulary)
+    from olmo_fn.graph.flops import count_params
+
+    assert 32.1e9 < count_params(PRESETS["olmo3-32b"]) < 32.3e9
     assert PRESETS["olmo3-7b"].layer_windows == (4096, 4096, 4096, 0) * 8
     with pytest.raises(ConfigError, match="model.window_pattern"):
         dataclasses.replace(cfg, window_pattern=(3, -1))

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import flex_attention
 
 from olmo_fn.graph.config import ModelConfig
+from olmo_fn.graph.linear import linear
 from olmo_fn.graph.norms import rms_norm
 from olmo_fn.graph.rope import apply_rope
 
@@ -59,17 +60,21 @@ def project_qkv(
     """Queries, keys and values of `x`, QK-normed and rotated, split into heads.
 
     p, x, rope as for `attention`. QK-norm normalizes the whole q and k projections before they are
-    split into heads. Returns q: (batch, n_heads, seq, d_head); k, v: (batch, n_kv_heads, seq, d_head).
+    split into heads (``cfg.qk_norm_scope`` all_heads), or each head on its own (per_head).
+    Returns q: (batch, n_heads, seq, d_head); k, v: (batch, n_kv_heads, seq, d_head).
     """
     batch, seq, _ = x.shape
-    q = x @ p["w_q"].T
-    k = x @ p["w_k"].T
-    v = x @ p["w_v"].T
-    if cfg.qk_norm:
+    q = linear(x, p["w_q"])
+    k = linear(x, p["w_k"])
+    v = linear(x, p["w_v"])
+    if cfg.qk_norm and cfg.qk_norm_scope == "all_heads":
         q = rms_norm(q, p["q_norm"], cfg.norm_eps)
         k = rms_norm(k, p["k_norm"], cfg.norm_eps)
     q = q.view(batch, seq, cfg.n_heads, cfg.d_head)
     k = k.view(batch, seq, cfg.n_kv_heads, cfg.d_head)
+    if cfg.qk_norm and cfg.qk_norm_scope == "per_head":
+        q = rms_norm(q, p["q_norm"], cfg.norm_eps)
+        k = rms_norm(k, p["k_norm"], cfg.norm_eps)
     v = v.view(batch, seq, cfg.n_kv_heads, cfg.d_head)
     cos, sin = rope
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -80,7 +85,7 @@ def project_out(p: Mapping[str, torch.Tensor], out: torch.Tensor) -> torch.Tenso
     """Merge the heads of `attend`'s output (batch, n_heads, seq, d_head) and apply ``w_out``:
     returns (batch, seq, d_model)."""
     batch, n_heads, seq, d_head = out.shape
-    return out.transpose(1, 2).reshape(batch, seq, n_heads * d_head) @ p["w_out"].T
+    return linear(out.transpose(1, 2).reshape(batch, seq, n_heads * d_head), p["w_out"])
 
 
 def attention(

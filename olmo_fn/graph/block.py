@@ -9,7 +9,7 @@ import torch
 
 from olmo_fn.graph.attention import AttentionFn, attention
 from olmo_fn.graph.config import ModelConfig
-from olmo_fn.graph.feed_forward import swiglu
+from olmo_fn.graph.feed_forward import gated_mlp
 from olmo_fn.graph.norms import rms_norm
 
 
@@ -21,13 +21,15 @@ def reordered_norm_block(
     cfg: ModelConfig,
     attention_fn: AttentionFn = attention,
 ) -> torch.Tensor:
-    """OLMo 2 block: ``h = x + norm(attn(x)); out = h + norm(mlp(h))``.
+    """OLMo 2 block: ``h = x + norm(attn(x)); out = h + norm(mlp(h))``, mlp the gated MLP of
+    ``cfg.mlp_activation``.
 
     p: one ``blocks.{i}`` subtree. x: (batch, seq, d_model) -> same shape and dtype.
     attention_fn computes ``attn`` (default `attention`; generation passes a KV-cached one).
     """
     h = x + rms_norm(attention_fn(p["attention"], x, rope, mask, cfg), p["attention_norm"], cfg.norm_eps)
-    return h + rms_norm(swiglu(p["feed_forward"], h), p["feed_forward_norm"], cfg.norm_eps)
+    mlp = gated_mlp(p["feed_forward"], h, cfg.mlp_activation)
+    return h + rms_norm(mlp, p["feed_forward_norm"], cfg.norm_eps)
 
 
 def pre_norm_block(
@@ -44,7 +46,9 @@ def pre_norm_block(
     attention and ``feed_forward_norm`` before the MLP. attention_fn as for `reordered_norm_block`.
     """
     h = x + attention_fn(p["attention"], rms_norm(x, p["attention_norm"], cfg.norm_eps), rope, mask, cfg)
-    return h + swiglu(p["feed_forward"], rms_norm(h, p["feed_forward_norm"], cfg.norm_eps))
+    return h + gated_mlp(
+        p["feed_forward"], rms_norm(h, p["feed_forward_norm"], cfg.norm_eps), cfg.mlp_activation
+    )
 
 
 BLOCKS = {"reordered_norm": reordered_norm_block, "pre_norm": pre_norm_block}

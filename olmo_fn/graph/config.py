@@ -7,6 +7,7 @@ import math
 from typing import Literal
 
 from olmo_fn.errors import ConfigError
+from olmo_fn.graph.rope import RopeScaling, rope_scaling_problems
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,7 +31,16 @@ class ModelConfig:
     norm_eps: float = 1e-6
     """RMSNorm epsilon."""
     qk_norm: bool = True
-    """RMSNorm over the whole q and k projections before splitting heads (OLMo 2)."""
+    """RMSNorm of the q and k projections (OLMo 2, Qwen3); its scope says over what."""
+    qk_norm_scope: Literal["all_heads", "per_head"] = "all_heads"
+    """all_heads (OLMo 2): one RMSNorm over the whole projection before splitting heads, weights
+    (n_heads * d_head,); per_head (Qwen3): each head normed on its own, weights (d_head,) shared by all
+    heads."""
+    mlp_activation: Literal["silu", "gelu", "gelu_tanh"] = "silu"
+    """The gate of the gated MLP: silu (SwiGLU), gelu (GeGLU, exact erf) or gelu_tanh (GeGLU with the
+    tanh approximation, as in Gemma)."""
+    rope_scaling: RopeScaling = RopeScaling()
+    """Context extension of RoPE: none, linear (position interpolation), llama3 or yarn."""
     init_std: float = 0.02
     """Standard deviation of the normal init of every matrix."""
     block: Literal["reordered_norm", "pre_norm"] = "reordered_norm"
@@ -86,7 +96,20 @@ def validate_model_config(cfg: ModelConfig) -> list[str]:
             problems.append(f"model.{name}={value!r} must be finite and > 0")
     if cfg.block not in ("reordered_norm", "pre_norm"):
         problems.append(f"model.block={cfg.block!r} must be reordered_norm or pre_norm")
+    if cfg.qk_norm_scope not in ("all_heads", "per_head"):
+        problems.append(f"model.qk_norm_scope={cfg.qk_norm_scope!r} must be all_heads or per_head")
+    if cfg.mlp_activation not in ("silu", "gelu", "gelu_tanh"):
+        problems.append(f"model.mlp_activation={cfg.mlp_activation!r} must be silu, gelu or gelu_tanh")
+    if isinstance(cfg.rope_scaling, RopeScaling):
+        problems += rope_scaling_problems(cfg.rope_scaling)
+    else:
+        problems.append(f"model.rope_scaling={cfg.rope_scaling!r} must be a RopeScaling")
     bad_windows = [w for w in cfg.window_pattern if not isinstance(w, int) or isinstance(w, bool) or w < 0]
     if bad_windows:
         problems.append(f"model.window_pattern={cfg.window_pattern!r} must hold integers >= 0 (0 = full)")
     return problems
+
+
+def matrix_dims(cfg: ModelConfig) -> tuple[int, ...]:
+    """Every dimension of a block's matrices: d_model, the q and kv projection widths, mlp_hidden."""
+    return (cfg.d_model, cfg.n_heads * cfg.d_head, cfg.n_kv_heads * cfg.d_head, cfg.mlp_hidden)

@@ -141,7 +141,7 @@ def cached_hidden_states(
     start, n = cache.length, tokens.shape[1]
     if start + n > cache.capacity:
         raise ValueError(f"KV cache full: {start} + {n} slots exceed its capacity of {cache.capacity}")
-    rope = rope_tables(slot_positions(cache.pad, start, n), cfg.d_head, cfg.rope_theta)
+    rope = rope_tables(slot_positions(cache.pad, start, n), cfg.d_head, cfg.rope_theta, cfg.rope_scaling)
     windows = cfg.layer_windows
     masks = {w: cache_mask(cache.pad, start, n, w) for w in set(windows)}
     block_fn = block_for(cfg)

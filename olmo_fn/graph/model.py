@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from olmo_fn.graph.block import block_for
 from olmo_fn.graph.config import ModelConfig
-from olmo_fn.graph.loss import IGNORE_INDEX, cross_entropy_sums
+from olmo_fn.graph.loss import IGNORE_INDEX, cross_entropy_sums, linear_cross_entropy_sums
 from olmo_fn.graph.masks import document_block_mask, document_causal_mask
 from olmo_fn.graph.norms import rms_norm
 from olmo_fn.graph.rope import rope_tables
@@ -88,7 +88,7 @@ def layer_inputs(
     """
     if positions is None:
         positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-    rope = rope_tables(positions, cfg.d_head, cfg.rope_theta)
+    rope = rope_tables(positions, cfg.d_head, cfg.rope_theta, cfg.rope_scaling)
     windows = {layer: cfg.layer_window(layer) for layer in layers}
     # Sliding windows need a mask even without document ids: then each row is one document.
     window_ids = doc_ids if doc_ids is not None or not any(windows.values()) else torch.zeros_like(input_ids)
@@ -121,7 +121,17 @@ def loss_sums(
     labels: torch.Tensor,
     cfg: ModelConfig,
     ignore_index: int = IGNORE_INDEX,
+    loss_chunk_tokens: int | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(ce_sum, z_sum, n_targets)`` of `cross_entropy_sums` for the model's logits on one batch."""
-    return cross_entropy_sums(logits(params, input_ids, cfg, **kwargs), labels, ignore_index)
+    """``(ce_sum, z_sum, n_targets)`` of `cross_entropy_sums` for the model's logits on one batch.
+
+    loss_chunk_tokens: make the logits and their gradient that many positions at a time
+    (`linear_cross_entropy_sums`) instead of all at once; None: all at once. Other keyword arguments as
+    for `hidden_states`.
+    """
+    head = head_params(params, cfg)
+    h = rms_norm(hidden_states(params, input_ids, cfg, **kwargs), head["norm"], cfg.norm_eps)
+    if loss_chunk_tokens is None:
+        return cross_entropy_sums(h @ head["w_out"].T, labels, ignore_index)
+    return linear_cross_entropy_sums(h, head["w_out"], labels, loss_chunk_tokens, ignore_index)

@@ -7,8 +7,8 @@ mapping translate key by key::
     blocks.{i}.attention.w_q                    (n_heads * d_head, d_model)
     blocks.{i}.attention.w_k / w_v              (n_kv_heads * d_head, d_model)
     blocks.{i}.attention.w_out                  (d_model, n_heads * d_head)
-    blocks.{i}.attention.q_norm                 (n_heads * d_head,)      [qk_norm]
-    blocks.{i}.attention.k_norm                 (n_kv_heads * d_head,)   [qk_norm]
+    blocks.{i}.attention.q_norm                 (n_heads * d_head,)      [qk_norm; (d_head,) per head]
+    blocks.{i}.attention.k_norm                 (n_kv_heads * d_head,)   [qk_norm; (d_head,) per head]
     blocks.{i}.attention_norm                   (d_model,)
     blocks.{i}.feed_forward.w1 / w3             (mlp_hidden, d_model)    gate / up
     blocks.{i}.feed_forward.w2                  (d_model, mlp_hidden)    down
@@ -43,8 +43,9 @@ def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         shapes[f"{b}.attention.w_v"] = (kv_dim, d)
         shapes[f"{b}.attention.w_out"] = (d, q_dim)
         if cfg.qk_norm:
-            shapes[f"{b}.attention.q_norm"] = (q_dim,)
-            shapes[f"{b}.attention.k_norm"] = (kv_dim,)
+            per_head = cfg.qk_norm_scope == "per_head"
+            shapes[f"{b}.attention.q_norm"] = (h,) if per_head else (q_dim,)
+            shapes[f"{b}.attention.k_norm"] = (h,) if per_head else (kv_dim,)
         shapes[f"{b}.attention_norm"] = (d,)
         shapes[f"{b}.feed_forward.w1"] = (cfg.mlp_hidden, d)
         shapes[f"{b}.feed_forward.w2"] = (d, cfg.mlp_hidden)

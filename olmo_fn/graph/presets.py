@@ -1,4 +1,5 @@
-"""Named model sizes: every OLMo 2 size, OLMo 3 7B, Llama 3 8B, and a tiny model for a laptop CPU."""
+"""Named model sizes: every OLMo 2 size, OLMo 3 from 14M to 32B, Llama 3 8B, and a tiny model for a
+laptop CPU."""
 
 from __future__ import annotations
 
@@ -44,7 +45,21 @@ PRESETS: dict[str, ModelConfig] = {
     "olmo2-7b": _olmo2(4096, 32, 32, 32, 11008),
     "olmo2-13b": _olmo2(5120, 40, 40, 40, 13824),
     "olmo2-32b": _olmo2(5120, 64, 40, 8, 27648),
-    "olmo3-7b": dataclasses.replace(_olmo2(4096, 32, 32, 32, 11008), window_pattern=OLMO3_WINDOWS),
+    # OLMo 3: the OLMo 2 shapes with the sliding-window pattern (last layer full).
+    **{
+        f"olmo3-{size}": dataclasses.replace(_olmo2(*shape), window_pattern=OLMO3_WINDOWS)
+        for size, shape in {
+            "14m": (128, 4, 8, 8, 512),
+            "30m": (256, 4, 8, 8, 768),
+            "60m": (384, 8, 8, 8, 1536),
+            "100m": (512, 12, 8, 8, 2048),
+            "190m": (768, 12, 12, 12, 3072),
+            "370m": (1024, 16, 16, 16, 4096),
+            "760m": (1536, 16, 16, 16, 6144),
+            "7b": (4096, 32, 32, 32, 11008),
+            "32b": (5120, 64, 40, 8, 27648),
+        }.items()
+    },
     "llama3-8b": ModelConfig(
         d_model=4096,
         n_layers=32,

@@ -1,7 +1,9 @@
 """Hugging Face transformers <-> olmo_fn: parameter names and model configs.
 
-Covers ``Olmo2ForCausalLM`` (``olmo2``), ``Olmo3ForCausalLM`` (``olmo3``) and ``LlamaForCausalLM``
-(``llama``). The one place these mappings live: import, export and the logit-parity tests use them.
+Covers ``Olmo2ForCausalLM`` (``olmo2``), ``Olmo3ForCausalLM`` (``olmo3``), ``LlamaForCausalLM``
+(``llama``) and ``Qwen3ForCausalLM`` (``qwen3``: Llama's block with per-head QK-norm), with SwiGLU
+or GeGLU MLPs and default, linear, Llama 3 or YaRN RoPE. The one place these mappings live: import,
+export and the logit-parity tests use them.
 Both sides store matrices ``(out, in)``, so tensors move across unchanged. The norms are named by
 what they do in olmo_fn (``attention_norm`` and ``feed_forward_norm`` in both block kinds) and by
 where they sit in Hugging Face, so their names differ between OLMo and Llama.
@@ -16,16 +18,20 @@ from typing import Any, Literal
 import torch
 from tensordict import TensorDict
 
-from olmo_fn.errors import CheckpointError
+from olmo_fn.errors import CheckpointError, ConfigError
 from olmo_fn.graph.config import ModelConfig
 from olmo_fn.graph.param_tree import flatten, unflatten
+from olmo_fn.graph.rope import RopeScaling
 
-HfArch = Literal["olmo2", "olmo3", "llama"]
+HfArch = Literal["olmo2", "olmo3", "llama", "qwen3"]
 ARCHITECTURES: dict[str, str] = {
     "olmo2": "Olmo2ForCausalLM",
     "olmo3": "Olmo3ForCausalLM",
     "llama": "LlamaForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
 }
+HIDDEN_ACTS = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
+"""transformers' ``hidden_act`` of each `ModelConfig.mlp_activation`."""
 
 _COMMON = [
     ("embeddings", "model.embed_tokens.weight"),
@@ -49,7 +55,12 @@ _LLAMA_NORMS = [
     ("blocks.{i}.attention_norm", "model.layers.{i}.input_layernorm.weight"),
     ("blocks.{i}.feed_forward_norm", "model.layers.{i}.post_attention_layernorm.weight"),
 ]
-_NAMES = {"olmo2": _COMMON + _OLMO_NORMS, "olmo3": _COMMON + _OLMO_NORMS, "llama": _COMMON + _LLAMA_NORMS}
+_NAMES = {
+    "olmo2": _COMMON + _OLMO_NORMS,
+    "olmo3": _COMMON + _OLMO_NORMS,
+    "llama": _COMMON + _LLAMA_NORMS,
+    "qwen3": _COMMON + _LLAMA_NORMS + _OLMO_NORMS[:2],
+}
 
 
 def _compile(pattern: str) -> re.Pattern:
@@ -107,16 +118,40 @@ def _is_buffer(name: str) -> bool:
 def arch_for(cfg: ModelConfig) -> HfArch:
     """The Hugging Face architecture that computes what `cfg` does."""
     if cfg.block == "pre_norm":
-        if cfg.qk_norm or cfg.window_pattern:
+        if cfg.window_pattern:
+            raise CheckpointError("a pre-norm model with sliding windows has no Hugging Face equivalent")
+        if cfg.qk_norm and cfg.qk_norm_scope == "all_heads":
             raise CheckpointError(
-                "a pre-norm model with QK-norm or sliding windows has no Hugging Face equivalent"
+                "a pre-norm model with QK-norm over all heads has no Hugging Face equivalent "
+                "(Qwen3 norms each head: model.qk_norm_scope=per_head)"
             )
-        return "llama"
-    if not cfg.qk_norm:
+        return "qwen3" if cfg.qk_norm else "llama"
+    if not cfg.qk_norm or cfg.qk_norm_scope != "all_heads":
         raise CheckpointError(
-            "Hugging Face OLMo always applies QK-norm; model.qk_norm=False has no equivalent"
+            "Hugging Face OLMo always applies QK-norm over all heads; model.qk_norm=False or "
+            "qk_norm_scope=per_head has no equivalent"
         )
     return "olmo3" if any(cfg.layer_windows) else "olmo2"
+
+
+def rope_parameters(cfg: ModelConfig) -> dict[str, Any]:
+    """transformers' ``rope_parameters`` of `cfg`'s RoPE."""
+    s = cfg.rope_scaling
+    rope: dict[str, Any] = {
+        "rope_type": "default" if s.kind == "none" else s.kind,
+        "rope_theta": cfg.rope_theta,
+    }
+    if s.kind != "none":
+        rope["factor"] = s.factor
+    if s.kind in ("llama3", "yarn"):
+        rope["original_max_position_embeddings"] = s.original_max_len
+    if s.kind == "llama3":
+        rope.update(low_freq_factor=s.low_freq_factor, high_freq_factor=s.high_freq_factor)
+    if s.kind == "yarn":
+        rope.update(beta_fast=s.beta_fast, beta_slow=s.beta_slow, truncate=s.truncate)
+        if s.attention_factor is not None:
+            rope["attention_factor"] = s.attention_factor
+    return rope
 
 
 def hf_config(cfg: ModelConfig, arch: HfArch | None = None, **extra: Any) -> dict[str, Any]:
@@ -124,7 +159,7 @@ def hf_config(cfg: ModelConfig, arch: HfArch | None = None, **extra: Any) -> dic
     arch = arch or arch_for(cfg)
     if arch != arch_for(cfg):
         raise CheckpointError(f"this model is a Hugging Face {arch_for(cfg)} model, not {arch}")
-    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    rope = rope_parameters(cfg)
     config: dict[str, Any] = {
         "architectures": [ARCHITECTURES[arch]],
         "model_type": arch,
@@ -134,7 +169,7 @@ def hf_config(cfg: ModelConfig, arch: HfArch | None = None, **extra: Any) -> dic
         "num_hidden_layers": cfg.n_layers,
         "num_attention_heads": cfg.n_heads,
         "num_key_value_heads": cfg.n_kv_heads,
-        "hidden_act": "silu",
+        "hidden_act": HIDDEN_ACTS[cfg.mlp_activation],
         "rms_norm_eps": cfg.norm_eps,
         "rope_theta": cfg.rope_theta,  # read by transformers 4.x
         "rope_parameters": rope,
@@ -142,8 +177,16 @@ def hf_config(cfg: ModelConfig, arch: HfArch | None = None, **extra: Any) -> dic
         "tie_word_embeddings": cfg.tie_embeddings,
         "attention_bias": False,
     }
-    if arch == "llama":
+    if cfg.rope_scaling.kind != "none":  # transformers 4.x reads the scaling from here
+        config["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+        if cfg.rope_scaling.kind in ("llama3", "yarn"):
+            config["max_position_embeddings"] = int(
+                cfg.rope_scaling.original_max_len * cfg.rope_scaling.factor
+            )
+    if arch in ("llama", "qwen3"):
         config.update(mlp_bias=False, head_dim=cfg.d_head)
+    if arch == "qwen3":
+        config.update(use_sliding_window=False, sliding_window=None)
     if arch == "olmo3":
         sizes = {w for w in cfg.layer_windows if w}
         if len(sizes) != 1:
@@ -172,35 +215,44 @@ def model_config_from_hf(config: Mapping[str, Any], where: str = "config.json") 
 
     _check_sizes(config, where)
     d_model, heads = config["hidden_size"], config["num_attention_heads"]
-    refuse_if(config.get("hidden_act", "silu") != "silu", f"hidden_act={config.get('hidden_act')!r}")
+    acts = {hf: ours for ours, hf in HIDDEN_ACTS.items()}
+    act = config.get("hidden_act", "silu")
+    refuse_if(act not in acts, f"hidden_act={act!r} (supported: {', '.join(acts)})")
     refuse_if(bool(config.get("attention_bias")), "attention_bias=true")
     refuse_if(bool(config.get("mlp_bias")), "mlp_bias=true")
+    refuse_if(bool(config.get("use_sliding_window")), "use_sliding_window=true")
     head_dim = config.get("head_dim")
     refuse_if(
         head_dim not in (None, d_model // heads), f"head_dim={head_dim} != hidden_size/num_attention_heads"
     )
-    theta = _rope_theta(config, where)
+    theta, scaling = _rope(config, where)
     windows: tuple[int, ...] = ()
     if arch == "olmo3":
         layer_types = config.get("layer_types") or []
         window = config.get("sliding_window")
         windows = tuple(int(window) if t == "sliding_attention" else 0 for t in layer_types)
         refuse_if(len(windows) != config["num_hidden_layers"], "layer_types of the wrong length")
-    cfg = ModelConfig(
-        d_model=d_model,
-        n_layers=config["num_hidden_layers"],
-        n_heads=heads,
-        n_kv_heads=config.get("num_key_value_heads") or heads,
-        mlp_hidden=config["intermediate_size"],
-        vocab_size=config["vocab_size"],
-        rope_theta=theta,
-        norm_eps=config.get("rms_norm_eps", 1e-6),
-        qk_norm=arch != "llama",
-        init_std=config.get("initializer_range", 0.02),
-        block="pre_norm" if arch == "llama" else "reordered_norm",
-        tie_embeddings=bool(config.get("tie_word_embeddings", False)),
-        **_window_fields(windows),
-    )
+    try:
+        cfg = ModelConfig(
+            d_model=d_model,
+            n_layers=config["num_hidden_layers"],
+            n_heads=heads,
+            n_kv_heads=config.get("num_key_value_heads") or heads,
+            mlp_hidden=config["intermediate_size"],
+            vocab_size=config["vocab_size"],
+            rope_theta=theta,
+            rope_scaling=scaling,
+            norm_eps=config.get("rms_norm_eps", 1e-6),
+            qk_norm=arch != "llama",
+            qk_norm_scope="per_head" if arch == "qwen3" else "all_heads",
+            mlp_activation=acts[act],
+            init_std=config.get("initializer_range", 0.02),
+            block="pre_norm" if arch in ("llama", "qwen3") else "reordered_norm",
+            tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+            **_window_fields(windows),
+        )
+    except ConfigError as err:  # a value transformers accepted but olmo_fn cannot compute
+        raise CheckpointError(f"{where}: {err}") from None
     return cfg, arch
 
 
@@ -234,21 +286,70 @@ def _check_sizes(config: Mapping[str, Any], where: str) -> None:
             raise CheckpointError(f"{where}: {name}={value!r} must be a finite positive number")
 
 
-def _rope_theta(config: Mapping[str, Any], where: str) -> float:
-    """The single default-RoPE theta of a config (transformers 4.x or 5.x layout)."""
+_ROPE_KEYS = {
+    "none": set(),
+    "linear": {"factor"},
+    "llama3": {"factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor"},
+    "yarn": {
+        "factor",
+        "original_max_position_embeddings",
+        "beta_fast",
+        "beta_slow",
+        "attention_factor",
+        "truncate",
+    },
+}
+_ROPE_BOOKKEEPING = {"rope_type", "type", "rope_theta", "partial_rotary_factor"}
+
+
+def _rope(config: Mapping[str, Any], where: str) -> tuple[float, RopeScaling]:
+    """The RoPE theta and scaling of a config (transformers 4.x ``rope_scaling`` or 5.x
+    ``rope_parameters``, one for all layers), refusing scalings olmo_fn does not compute."""
     params = config.get("rope_parameters")
     if params is None:
-        scaling = config.get("rope_scaling")
-        if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
-            raise CheckpointError(f"{where}: rope_scaling {scaling} is not supported (only default RoPE)")
-        return float(config.get("rope_theta", 10_000.0))
-    per_type = list(params.values()) if all(isinstance(v, dict) for v in params.values()) else [params]
-    kinds = {(p.get("rope_type", "default"), float(p.get("rope_theta", 10_000.0))) for p in per_type}
-    if len(kinds) != 1 or next(iter(kinds))[0] != "default":
+        params = {"rope_theta": config.get("rope_theta", 10_000.0), **(config.get("rope_scaling") or {})}
+        name = "rope_scaling"
+    else:
+        name = "rope_parameters"
+        per_type = list(params.values()) if all(isinstance(v, dict) for v in params.values()) else [params]
+        if any(p != per_type[0] for p in per_type):
+            raise CheckpointError(f"{where}: {name} {dict(params)} differ by layer type (one RoPE only)")
+        params = per_type[0]
+    kind = params.get("rope_type", params.get("type")) or "default"
+    kind = "none" if kind == "default" else kind
+    if kind not in _ROPE_KEYS:
         raise CheckpointError(
-            f"{where}: rope_parameters {dict(params)} are not supported (one default RoPE only)"
+            f"{where}: {name} rope_type={kind!r} is not supported (default, linear, llama3 or yarn)"
         )
-    return next(iter(kinds))[1]
+    extra = set(params) - _ROPE_KEYS[kind] - _ROPE_BOOKKEEPING
+    if extra or params.get("partial_rotary_factor", 1.0) != 1.0:
+        unsupported = sorted(extra) or ["partial_rotary_factor"]
+        raise CheckpointError(f"{where}: {name} with {', '.join(unsupported)} is not supported")
+    theta = float(params.get("rope_theta", config.get("rope_theta", 10_000.0)))
+    fields = {"kind": kind}
+    if kind != "none":
+        fields["factor"] = float(params["factor"])
+    if kind in ("llama3", "yarn"):
+        original = params.get("original_max_position_embeddings")
+        if original is None:
+            raise CheckpointError(
+                f"{where}: {name} of rope_type {kind} needs original_max_position_embeddings"
+            )
+        fields["original_max_len"] = int(original)
+    for ours, theirs in (
+        ("low_freq_factor", "low_freq_factor"),
+        ("high_freq_factor", "high_freq_factor"),
+        ("beta_fast", "beta_fast"),
+        ("beta_slow", "beta_slow"),
+        ("attention_factor", "attention_factor"),
+        ("truncate", "truncate"),
+    ):
+        if params.get(theirs) is not None:
+            fields[ours] = params[theirs]
+    try:
+        return theta, RopeScaling(**fields)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{where}: {name} {dict(params)}: {err}") from None
 
 
 def _window_fields(windows: tuple[int, ...]) -> dict[str, Any]:

@@ -106,7 +106,7 @@ def context_parallel_slice(
         doc_ids, positions = mb.doc_ids, local.positions
     else:
         doc_ids, positions = torch.zeros_like(mb.doc_ids), mine.expand_as(local.input_ids)
-    rope = rope_tables(positions, cfg.d_head, cfg.rope_theta)
+    rope = rope_tables(positions, cfg.d_head, cfg.rope_theta, cfg.rope_scaling)
     if backend == "auto":
         backend = "flex" if device.type == "cuda" else "sdpa"
     windows = {layer: cfg.layer_window(layer) for layer in range(cfg.n_layers)}

@@ -60,6 +60,11 @@ class ParallelConfig:
     exiting; this bounds the cases it cannot see. Rank 0 alone does some slow work (checksums of a
     synchronous checkpoint, pruning) while the others wait: keep it well above that."""
 
+    @property
+    def splits_work(self) -> bool:
+        """Whether this config asks for more than one process's share (any axis above 1)."""
+        return any(getattr(self, a) > 1 for a in ("dp_replicate", "dp_shard", "tp", "cp", "pp"))
+
     def __post_init__(self) -> None:
         for name in ("dp_replicate", "tp", "cp", "pp"):
             if getattr(self, name) < 1:

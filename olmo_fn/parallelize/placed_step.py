@@ -23,10 +23,10 @@ import torch
 import torch.distributed as dist
 from tensordict import TensorDict
 from torch.distributed.tensor import DTensor, Shard
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from olmo_fn.errors import ConfigError
 from olmo_fn.graph.model import BlockFn
+from olmo_fn.parallelize.activation_checkpoint import ActivationCheckpointing, checkpointed_block
 from olmo_fn.parallelize.axis_group import AxisGroup
 from olmo_fn.parallelize.compute_layout import tree_to_compute
 from olmo_fn.parallelize.mesh import Layout
@@ -105,53 +105,23 @@ def model_view(params: TensorDict, sharding: Sharding) -> dict[str, Any]:
     return view
 
 
-def gathering_block(block_fn: BlockFn, sharding: Sharding, *, reshard_after_forward: bool = True) -> BlockFn:
-    """`block_fn` run on a `_StoredBlock`, gathered to its compute layout first.
+def gathering_block(
+    block_fn: BlockFn, sharding: Sharding, *, checkpointing: ActivationCheckpointing
+) -> BlockFn:
+    """`block_fn` run on a `_StoredBlock`, gathered to its compute layout first, under the activation
+    checkpointing policy `checkpointing` applied to gather and block together.
 
-    With `reshard_after_forward`, the gathered weights are not kept for backward: the block runs
-    under selective activation checkpointing whose policy saves the outputs of matmuls and attention
-    and recomputes everything else, the gather included. So about one block's full weights are live
-    at a time, at the cost of a second gather per block in backward (FSDP's reshard-after-forward).
+    ``selective`` gives FSDP's reshard-after-forward: the gathered weights are not kept for backward
+    (the policy saves the outputs of matmuls and attention and recomputes everything else, the gather
+    included), so about one block's full weights are live at a time, at the cost of a second gather per
+    block in backward. ``full`` recomputes the gather too; ``none`` keeps the gathered weights.
     """
 
     def gather_and_run(stored: _StoredBlock, x, rope, mask, cfg):
         params = tree_to_compute(stored.tree, "", sharding.plan, stored.rules)
         return block_fn(params, x, rope, mask, cfg)
 
-    if not reshard_after_forward:
-        return gather_and_run
-
-    def run(stored: _StoredBlock, x, rope, mask, cfg):
-        return checkpoint(
-            gather_and_run, stored, x, rope, mask, cfg, use_reentrant=False, context_fn=_save_matmul_outputs
-        )
-
-    return run
-
-
-_SAVED_OPS = frozenset(
-    op
-    for name in (
-        "mm",
-        "addmm",
-        "bmm",
-        "_scaled_dot_product_flash_attention",
-        "_scaled_dot_product_flash_attention_for_cpu",
-        "_scaled_dot_product_efficient_attention",
-        "_scaled_dot_product_cudnn_attention",
-    )
-    if (op := getattr(getattr(torch.ops.aten, name, None), "default", None)) is not None
-)
-"""Ops whose outputs a resharded block keeps for backward: the expensive ones, whose outputs are new
-tensors (never views of a gathered weight)."""
-
-
-def _policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
-
-
-def _save_matmul_outputs():
-    return create_selective_checkpoint_contexts(_policy)
+    return checkpointed_block(gather_and_run, checkpointing)
 
 
 def dp_sum(value: torch.Tensor, sharding: Sharding | None) -> torch.Tensor:

@@ -119,7 +119,7 @@ def default_plan(model: ModelConfig, shape: MeshShape, *, compute_dtype: torch.d
     if tp:
         rules += [Rule(p, dp_shard=Shard(1), tp=Shard(0)) for p in COLUMN_WISE]
         rules += [Rule(p, dp_shard=Shard(0), tp=Shard(1)) for p in ROW_WISE]
-        if model.qk_norm:
+        if model.qk_norm and model.qk_norm_scope == "all_heads":  # per head: one (d_head,) for all heads
             rules += [Rule(p, dp_shard=Replicate(), tp=Shard(0)) for p in HEAD_NORMS]
         rules += [Rule(p, dp_shard=Shard(1), tp=Shard(0)) for p in VOCAB if p in param_shapes(model)]
     rules.append(Rule("*", dp_shard=Shard(0)))

@@ -8,7 +8,7 @@ the formulas of `olmo_fn.graph.block` written out with the collectives they need
     x_full = gather_seq(x)                         # all positions, for the local heads / units
     a = reduce_scatter_seq(attention_local(x_full))  # partial sums over ranks -> own positions
     h = x + rms_norm(a)                            # OLMo 2 (reordered norm); Llama: pre-norm
-    out = h + rms_norm(reduce_scatter_seq(swiglu_local(gather_seq(h))))
+    out = h + rms_norm(reduce_scatter_seq(gated_mlp(gather_seq(h))))
 
 OLMo 2's QK-norm normalises the *whole* q and k projections, so its mean of squares is summed over
 the tp ranks (exact, not per shard). The embedding and the loss are vocabulary-parallel: no rank ever
@@ -31,6 +31,8 @@ import torch.nn.functional as F
 
 from olmo_fn.graph.attention import attend
 from olmo_fn.graph.config import ModelConfig
+from olmo_fn.graph.feed_forward import gated_mlp
+from olmo_fn.graph.linear import linear
 from olmo_fn.graph.loss import IGNORE_INDEX
 from olmo_fn.graph.model import AttentionBackend, BlockFn, LayerInputs, layer_inputs
 from olmo_fn.graph.norms import rms_norm
@@ -114,23 +116,21 @@ def attention_local(
     x is this rank's context-parallel slice and the keys and values come from every cp rank."""
     batch, seq, _ = x.shape
     heads, kv_heads = cfg.n_heads // tp.size, cfg.n_kv_heads // tp.size
-    q, k, v = x @ p["w_q"].T, x @ p["w_k"].T, x @ p["w_v"].T
-    if cfg.qk_norm:
+    q, k, v = linear(x, p["w_q"]), linear(x, p["w_k"]), linear(x, p["w_v"])
+    if cfg.qk_norm and cfg.qk_norm_scope == "all_heads":
         q = rms_norm_across(q, p["q_norm"], cfg.norm_eps, cfg.n_heads * cfg.d_head, tp)
         k = rms_norm_across(k, p["k_norm"], cfg.norm_eps, cfg.n_kv_heads * cfg.d_head, tp)
+    q, k = q.view(batch, seq, heads, cfg.d_head), k.view(batch, seq, kv_heads, cfg.d_head)
+    if cfg.qk_norm and cfg.qk_norm_scope == "per_head":  # local heads, weights replicated over tp
+        q, k = rms_norm(q, p["q_norm"], cfg.norm_eps), rms_norm(k, p["k_norm"], cfg.norm_eps)
     cos, sin = rope
-    q = apply_rope(q.view(batch, seq, heads, cfg.d_head), cos, sin).transpose(1, 2)
-    k = apply_rope(k.view(batch, seq, kv_heads, cfg.d_head), cos, sin).transpose(1, 2)
+    q = apply_rope(q, cos, sin).transpose(1, 2)
+    k = apply_rope(k, cos, sin).transpose(1, 2)
     v = v.view(batch, seq, kv_heads, cfg.d_head).transpose(1, 2)
     if cp is not None:
         k, v = gather_keys(k, cp), gather_keys(v, cp)
     out = attend(q, k, v, mask)
-    return out.transpose(1, 2).reshape(batch, seq, heads * cfg.d_head) @ p["w_out"].T
-
-
-def swiglu_local(p: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """`graph.feed_forward.swiglu` over this rank's hidden units: partial sums of the output."""
-    return (F.silu(x @ p["w1"].T) * (x @ p["w3"].T)) @ p["w2"].T
+    return linear(out.transpose(1, 2).reshape(batch, seq, heads * cfg.d_head), p["w_out"])
 
 
 def tp_block_fn(cfg: ModelConfig, tp: AxisGroup, cp: AxisGroup | None = None) -> BlockFn:
@@ -143,7 +143,7 @@ def tp_block_fn(cfg: ModelConfig, tp: AxisGroup, cp: AxisGroup | None = None) ->
         )
 
     def mlp(p, x_seq):
-        return reduce_scatter_seq(swiglu_local(p["feed_forward"], gather_seq(x_seq, tp)), tp)
+        return reduce_scatter_seq(gated_mlp(p["feed_forward"], gather_seq(x_seq, tp), cfg.mlp_activation), tp)
 
     def reordered_norm(p, x, rope, mask, cfg):
         h = x + rms_norm(attn(p, x, rope, mask), p["attention_norm"], cfg.norm_eps)

@@ -15,8 +15,14 @@ from olmo_fn.graph.config import ModelConfig
 from olmo_fn.graph.model import AttentionBackend, BlockFn, loss_sums
 from olmo_fn.graph.param_tree import flatten
 from olmo_fn.io.batch import Batch
+from olmo_fn.parallelize.activation_checkpoint import (
+    ActivationCheckpointing,
+    checkpointed_block,
+    checkpointing_problems,
+)
 from olmo_fn.parallelize.compile import compile_block
 from olmo_fn.parallelize.context_parallel import context_parallel_block, context_parallel_slice
+from olmo_fn.parallelize.fp8 import Fp8Recipe, float8_block
 from olmo_fn.parallelize.mixed_precision import compute_params
 from olmo_fn.parallelize.parallel_config import ZERO_BUBBLE_SCHEDULES
 from olmo_fn.parallelize.placed_step import (
@@ -56,6 +62,32 @@ class StepSettings:
     """Attend only within documents and restart RoPE positions per document."""
     compile: bool = False
     """Run the transformer block as one torch.compile'd graph shared by all layers."""
+    ac: ActivationCheckpointing = "none"
+    """Activation checkpointing policy of every block (see olmo_fn.parallelize.activation_checkpoint)."""
+    ac_budget: float = 0.5
+    """With ac="budget": the share of an unchecked block's activations that may be kept."""
+    loss_chunk_tokens: int | None = None
+    """Make the logits and their gradient this many positions at a time; None: all at once."""
+    fp8: Fp8Recipe = "none"
+    """Multiply the block matrices in float8 with this torchao recipe (see olmo_fn.parallelize.fp8)."""
+    compile_step: bool = False
+    """Compile the whole update (forward, backward, clipping, AdamW) as one graph instead of the block
+    (see olmo_fn.state.compiled_step); one process only."""
+    fp8_emulate: bool = False
+    """Emulate the float8 matmuls (float8 values, high-precision arithmetic): on CPU."""
+
+
+def execution_text(settings: StepSettings) -> str:
+    """How the step runs besides device and dtype, for the line a run starts with ("" for defaults)."""
+    parts = []
+    if settings.ac != "none":
+        budget = f" {settings.ac_budget:g}" if settings.ac == "budget" else ""
+        parts.append(f"ac {settings.ac}{budget}")
+    if settings.fp8 != "none":
+        parts.append(f"fp8 {settings.fp8}{' (emulated)' if settings.fp8_emulate else ''}")
+    if settings.loss_chunk_tokens:
+        parts.append(f"loss in chunks of {settings.loss_chunk_tokens} positions")
+    return "".join(f", {p}" for p in parts)
 
 
 LossSumsFn = Callable[[TensorDict, Batch], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
@@ -63,28 +95,55 @@ LossSumsFn = Callable[[TensorDict, Batch], tuple[torch.Tensor, torch.Tensor, tor
 
 def block_function(settings: StepSettings, sharding: Sharding | None) -> BlockFn:
     """The function that runs one block: the plain (or compiled) block in one process; under a
-    sharding, the block of its plan (TP, CP) run on a stored block, gathered first."""
+    sharding, the block of its plan (TP, CP) run on a stored block, gathered first. Either way under
+    the activation checkpointing policy ``settings.ac``."""
     cfg = settings.model
+    problem = checkpointing_problem(settings, sharding)
+    if problem:
+        raise ConfigError(problem)
+    budget = settings.ac_budget if settings.ac == "budget" else None
     if sharding is None:
-        return compile_block(block_for(cfg)) if settings.compile else block_for(cfg)
+        block_fn = float8_block(block_for(cfg), settings.fp8, emulate=settings.fp8_emulate)
+        block_fn = checkpointed_block(block_fn, settings.ac)
+        return compile_block(block_fn, memory_budget=budget) if settings.compile else block_fn
     tp, cp = sharding.tp, sharding.cp
     if tp is not None and settings.compile:
         raise ConfigError("compile with tensor parallelism (parallel.tp > 1) is not supported yet")
     # Resharding after forward saves memory only where parameters are sharded over data-parallel
-    # (or context-parallel) ranks. Compiled, the block gathers its own parameters inside its graph
-    # (the compiler sees the all-gather, and the reduce-scatter of the backward) and keeps them for
-    # backward.
-    # Zero-bubble pipeline schedules run a block's backward in two passes (inputs, then weights),
-    # which a recomputed (checkpointed) region does not allow: they keep the gathered weights.
+    # (or context-parallel) ranks: the selective policy recomputes the gather in backward. Compiled,
+    # the block gathers its own parameters inside its graph (the compiler sees the all-gather, and the
+    # reduce-scatter of the backward) and keeps them for backward unless a policy says otherwise.
     shape = sharding.layout.shape
-    split_backward = sharding.pipeline is not None and sharding.pipeline.schedule in ZERO_BUBBLE_SCHEDULES
-    reshard = shape.dp_shard * shape.cp > 1 and not settings.compile and not split_backward
+    reshard = shape.dp_shard * shape.cp > 1 and not settings.compile and not _split_backward(sharding)
+    policy = settings.ac if settings.ac != "none" or not reshard else "selective"
     if tp is not None:
         block_fn = tp_block_fn(cfg, tp, cp)
     else:
         block_fn = context_parallel_block(cfg, cp) if cp is not None else block_for(cfg)
-    block_fn = gathering_block(block_fn, sharding, reshard_after_forward=reshard)
-    return compile_block(block_fn) if settings.compile else block_fn
+    block_fn = float8_block(block_fn, settings.fp8, emulate=settings.fp8_emulate)
+    block_fn = gathering_block(block_fn, sharding, checkpointing=policy)
+    return compile_block(block_fn, memory_budget=budget) if settings.compile else block_fn
+
+
+def _split_backward(sharding: Sharding | None) -> bool:
+    """Zero-bubble pipeline schedules run a block's backward in two passes (inputs, then weights),
+    which a recomputed (checkpointed) region does not allow."""
+    return (
+        sharding is not None
+        and sharding.pipeline is not None
+        and (sharding.pipeline.schedule in ZERO_BUBBLE_SCHEDULES)
+    )
+
+
+def checkpointing_problem(settings: StepSettings, sharding: Sharding | None) -> str | None:
+    """Why ``settings.ac`` cannot run as asked, or None."""
+    if settings.ac == "budget" and not settings.compile:
+        return "ac=budget is chosen by torch.compile's partitioner: it needs compile (or use full/selective)"
+    pipeline = sharding.pipeline if sharding is not None else None
+    problems = checkpointing_problems(
+        settings.ac, settings.ac_budget, pipeline.schedule if pipeline else None
+    )
+    return "; ".join(problems) or None
 
 
 def make_loss_sums_fn(settings: StepSettings, sharding: Sharding | None = None) -> LossSumsFn:
@@ -96,7 +155,10 @@ def make_loss_sums_fn(settings: StepSettings, sharding: Sharding | None = None) 
     tp = sharding.tp if sharding is not None else None
     cp = sharding.cp if sharding is not None else None
     block_fn = block_function(settings, sharding)
-    model_loss_sums = loss_sums if tp is None else functools.partial(tp_loss_sums, tp=tp)
+    if tp is None:
+        model_loss_sums = functools.partial(loss_sums, loss_chunk_tokens=settings.loss_chunk_tokens)
+    else:  # the vocabulary-parallel loss holds 1/tp of the logits per rank, unchunked
+        model_loss_sums = functools.partial(tp_loss_sums, tp=tp)
 
     def sums(params: TensorDict, mb: Batch):
         kwargs = {}
@@ -182,6 +244,13 @@ def make_train_step(settings: StepSettings, sharding: Sharding | None = None) ->
     objective), ``logsumexp_sq`` (the unweighted mean of logsumexp(logits)², what z_loss weighs),
     ``grad_norm`` (before clipping) and ``n_targets``.
     """
+    if settings.compile_step:
+        from olmo_fn.state.compiled_step import make_compiled_train_step, step_compile_problems
+
+        problems = step_compile_problems(settings, sharded=sharding is not None)
+        if problems:
+            raise ConfigError("; ".join(problems))
+        return make_compiled_train_step(settings)
     if sharding is not None and sharding.pipeline is not None:
         from olmo_fn.state.pipeline_step import make_pipeline_gradient_fn
 

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from olmo_fn.graph import ModelConfig
 from olmo_fn.graph.param_tree import flatten, unflatten
+from olmo_fn.graph.rope import RopeScaling
 from olmo_fn.io.batch import Batch
 from olmo_fn.io.instances import make_batch
 from olmo_fn.parallelize.mesh import Layout, build_mesh
@@ -84,6 +85,11 @@ def cases(draw, world: int, shapes: list[MeshShape] | None = None) -> Case:
         block=draw(st.sampled_from(["reordered_norm", "pre_norm"])),
         window_pattern=window_pattern,
         tie_embeddings=draw(st.booleans()),
+        qk_norm_scope=draw(st.sampled_from(["all_heads", "per_head"])),
+        mlp_activation=draw(st.sampled_from(["silu", "gelu_tanh"])),
+        rope_scaling=draw(
+            st.sampled_from([RopeScaling(), RopeScaling("yarn", factor=4.0, original_max_len=4)])
+        ),
     )
     rows = dp * draw(st.integers(1, 2))
     seq = tp * draw(st.integers(2, 5)) if shape.cp == 1 else 2 * shape.cp * tp * draw(st.integers(1, 3))
@@ -106,6 +112,9 @@ def cases(draw, world: int, shapes: list[MeshShape] | None = None) -> Case:
         z_loss=draw(st.sampled_from([0.0, 1e-3])),
         max_grad_norm=draw(st.sampled_from([None, 1.0, 1e-3])),  # 1e-3: clipping always acts
         document_masking=draw(st.booleans()),
+        # recomputation composes with every plan; zero-bubble pipeline schedules refuse it
+        ac=draw(st.sampled_from(["none", "full", "selective"])) if shape.pp == 1 else "none",
+        loss_chunk_tokens=draw(st.sampled_from([None, 3])),
     )
     return Case(model, settings, tokens, eos, shape, seed)
 
@@ -322,3 +331,13 @@ def assert_same(got: dict, want: dict, *, tol: float = 1e-10) -> None:
             np.testing.assert_allclose(
                 got[name][key], want[name][key], rtol=tol, atol=tol, err_msg=f"{name} {key}"
             )
+
+
+def examples(ci: int) -> int:
+    """Examples per property: `ci` under the default ``ci`` hypothesis profile (sized for CI's two
+    cores: four ranks on two cores are slow), the profile's own count otherwise (``nightly``)."""
+    import os
+
+    from hypothesis import settings
+
+    return ci if os.environ.get("HYPOTHESIS_PROFILE", "ci") == "ci" else settings.default.max_examples

@@ -57,7 +57,7 @@ def collectives_in_compiled_graphs(rank: int, world: int) -> dict[str, list[str]
     backend = aot_autograd(fw_compiler=recorder("forward"), bw_compiler=recorder("backward"))
     state, sharding = _placed(rank)
     block_fn = torch.compile(
-        gathering_block(block_for(MODEL), sharding, reshard_after_forward=False),
+        gathering_block(block_for(MODEL), sharding, checkpointing="none"),
         backend=backend,
         fullgraph=True,
     )

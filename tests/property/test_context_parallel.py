@@ -15,7 +15,7 @@ from test_placement_plans import _fixed_case, check
 
 from olmo_fn.parallelize.parallel_config import MeshShape
 
-from plan_cases import cases
+from plan_cases import cases, examples
 
 CP_SHAPES = {
     2: [MeshShape(1, 1, 1, cp=2)],
@@ -35,7 +35,7 @@ def test_context_parallel_on_two_ranks_equals_one_process(pools, case):
 
 
 @given(case=cases(world=4, shapes=CP_SHAPES[4]))
-@settings(deadline=None)
+@settings(deadline=None, max_examples=examples(ci=8))
 def test_context_parallel_composed_on_four_ranks_equals_one_process(pools, case):
     check(pools(4), case)
 

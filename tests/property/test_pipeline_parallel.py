@@ -19,7 +19,7 @@ from test_placement_plans import _fixed_case, check
 from olmo_fn.parallelize.parallel_config import MeshShape, micro_batch_rule
 from olmo_fn.parallelize.placed_step import PipelineSpec, Sharding
 
-from plan_cases import STEPS, cases
+from plan_cases import STEPS, cases, examples
 
 PP_SHAPES = {
     2: [MeshShape(1, 1, 1, pp=2)],
@@ -76,7 +76,7 @@ def test_pipeline_on_two_ranks_equals_one_process(pools, case):
 
 
 @given(case=pipeline_cases(world=4))
-@settings(deadline=None)
+@settings(deadline=None, max_examples=examples(ci=8))
 def test_pipeline_composed_on_four_ranks_equals_one_process(pools, case):
     check(pools(4), case)
 

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from olmo_fn.graph import ModelConfig
 from olmo_fn.parallelize.parallel_config import MeshShape
 
-from plan_cases import STEPS, Case, assert_same, cases, reference, run_on_rank
+from plan_cases import STEPS, Case, assert_same, cases, examples, reference, run_on_rank
 from rank_pool import RankPool
 
 
@@ -32,7 +32,7 @@ def test_plans_on_two_ranks_equal_one_process(pools, case):
 
 
 @given(case=cases(world=4))
-@settings(deadline=None)
+@settings(deadline=None, max_examples=examples(ci=8))
 def test_plans_on_four_ranks_equal_one_process(pools, case):
     check(pools(4), case)
 

@@ -53,7 +53,7 @@ def retained_by_forward(rank: int, world: int, reshard: bool) -> int:
         init_params(MODEL, seed=0).apply(lambda t: t.requires_grad_(True)), plan, _layout(SHAPE).mesh
     )
     sharding = Sharding.of(plan, _layout(SHAPE), list(flatten(params)))
-    block_fn = gathering_block(block_for(MODEL), sharding, reshard_after_forward=reshard)
+    block_fn = gathering_block(block_for(MODEL), sharding, checkpointing="selective" if reshard else "none")
     ids = torch.randint(0, MODEL.vocab_size, (1, 8), generator=torch.Generator().manual_seed(rank))
     view = model_view(params, sharding)
     gc.collect()

@@ -1,0 +1,54 @@
+#!/bin/bash
+# The speed and memory comparison against OLMo-core on one H100/H200, in one go: every row is one
+# `bench` run printing one JSON line (tokens_per_s, mfu, peak_mem_gib, first_step_s, ac, fp8, compile).
+# OLMo-core's figures to beat (H100, torch 2.11, DESIGN.md): OLMo2-1B seq 4096 micro-batch 4 bf16
+# 50,480 tokens/s, 53.1 GiB, first step 14.7 s; fp8 46,266 tokens/s; OLMo2-190M micro-batch 8 274,565.
+#
+#   bash experiments/bench_h100.sh [OUT_DIR]          # the GPU table (about 10 minutes on an H100)
+#   bash experiments/bench_h100.sh --cpu [OUT_DIR]    # the same rows at tiny sizes, eager, on a CPU
+#
+# Results go to OUT_DIR (default bench-results/): results.jsonl (one line per row, with its name),
+# and profile-*/profile.txt for the profiled rows. Run from the repository root.
+set -euo pipefail
+CPU=0
+if [ "${1:-}" = "--cpu" ]; then CPU=1; shift; fi
+OUT=${1:-bench-results}
+mkdir -p "$OUT"
+: > "$OUT/results.jsonl"
+PYTHON=${PYTHON:-python}
+
+ONE_B="--preset olmo2-1b --seq-len 4096 --micro-batch-size 4 --steps 20 --warmup 5"
+SMALL="--preset olmo2-190m --seq-len 4096 --micro-batch-size 8 --steps 20 --warmup 5"
+ROWS=(
+  "1b-bf16|$ONE_B"
+  "1b-bf16-eager|$ONE_B --compile off"
+  "1b-bf16-loss-unchunked|$ONE_B --loss-chunk-tokens 0"
+  "1b-bf16-ac-selective|$ONE_B --ac selective"
+  "1b-bf16-ac-budget|$ONE_B --ac budget --ac-budget 0.5"
+  "1b-fp8-tensorwise|$ONE_B --fp8 tensorwise"
+  "1b-fp8-rowwise|$ONE_B --fp8 rowwise"
+  "1b-bf16-compile-step|$ONE_B --compile step"
+  "190m-bf16|$SMALL"
+  "190m-fp8-tensorwise|$SMALL --fp8 tensorwise"
+  "1b-bf16-profiled|$ONE_B --steps 8 --warmup 3 --profile-dir $OUT/profile-1b-bf16"
+  "1b-fp8-profiled|$ONE_B --steps 8 --warmup 3 --fp8 tensorwise --profile-dir $OUT/profile-1b-fp8"
+)
+
+for row in "${ROWS[@]}"; do
+  name=${row%%|*}
+  args=${row#*|}
+  if [ "$CPU" = 1 ]; then
+    # tiny shapes, a few steps, eager (a cold compile per row would dominate on a CPU)
+    args=$(echo "$args" | sed -e 's/--preset [^ ]*/--preset olmo2-tiny/' -e 's/--seq-len [0-9]*/--seq-len 64/' \
+      -e 's/--micro-batch-size [0-9]*/--micro-batch-size 2/' -e 's/--steps [0-9]*/--steps 3/' \
+      -e 's/--warmup [0-9]*/--warmup 1/' -e 's/--compile [a-z]*//' -e 's/--ac budget --ac-budget [0-9.]*//')
+    args="$args --compile off"
+  fi
+  echo "== $name: bench $args" >&2
+  if line=$($PYTHON -m olmo_fn.run bench $args | tail -n 1); then
+    echo "{\"row\": \"$name\", \"result\": $line}" >> "$OUT/results.jsonl"
+  else
+    echo "{\"row\": \"$name\", \"failed\": true}" >> "$OUT/results.jsonl"
+  fi
+done
+echo "wrote $OUT/results.jsonl ($(wc -l < "$OUT/results.jsonl") rows); record the figures in BENCHMARKS.md" >&2
