@@ -69,7 +69,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for both (default: unset)")
     parser.add_argument(
-        "--olmo-fn-args", default="", help="extra bench options for olmo_fn, e.g. --olmo-fn-args=--no-document-masking"
+        "--olmo-fn-args",
+        default="",
+        help="extra bench options for olmo_fn, e.g. --olmo-fn-args=--no-document-masking",
     )
     args = parser.parse_args()
     env = dict(os.environ)
