@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from olmo_fn.graph.attention import attend
 from olmo_fn.graph.config import ModelConfig
@@ -191,6 +192,38 @@ def vocab_parallel_cross_entropy_sums(
     return ce_sum, z_sum, valid.sum()
 
 
+def vocab_parallel_linear_cross_entropy_sums(
+    h: torch.Tensor,
+    w_out: torch.Tensor,
+    labels: torch.Tensor,
+    tp: AxisGroup,
+    chunk_tokens: int | None = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`vocab_parallel_cross_entropy_sums` of ``h @ w_out.T``, made `chunk_tokens` positions at a time.
+
+    h: (batch, seq, d_model), every position; w_out: (vocab / tp, d_model), this rank's rows; labels:
+    (batch, seq) global ids. Each chunk's logits are recomputed in backward instead of kept, so a rank
+    never holds more than one chunk's logits (or their gradient) at once; the collectives of a chunk
+    run again in its recomputation, in the same order on every rank. None: all positions at once.
+    """
+    if not chunk_tokens:
+        return vocab_parallel_cross_entropy_sums(h @ w_out.T, labels, tp, ignore_index)
+    h, labels = h.reshape(-1, h.shape[-1]), labels.reshape(-1)
+
+    def chunk_sums(h_chunk, w, labels_chunk):
+        return vocab_parallel_cross_entropy_sums(h_chunk @ w.T, labels_chunk, tp, ignore_index)
+
+    sums = [
+        checkpoint(
+            chunk_sums, h[i : i + chunk_tokens], w_out, labels[i : i + chunk_tokens], use_reentrant=False
+        )
+        for i in range(0, h.shape[0], chunk_tokens)
+    ]
+    ce, z, n = (torch.stack(parts).sum() for parts in zip(*sums, strict=True))
+    return ce, z, n
+
+
 def tp_loss_sums(
     params: Mapping[str, Any],
     input_ids: torch.Tensor,
@@ -203,6 +236,7 @@ def tp_loss_sums(
     doc_ids: torch.Tensor | None = None,
     backend: AttentionBackend = "auto",
     inputs: LayerInputs | None = None,
+    loss_chunk_tokens: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`graph.model.loss_sums` under tensor + sequence parallelism (same arguments, plus `tp`).
 
@@ -219,4 +253,4 @@ def tp_loss_sums(
         x = block_fn(blocks[key], x, rope, masks[int(key)], cfg)
     w_out = params["embeddings"] if cfg.tie_embeddings else params["lm_head"]["w_out"]
     h = gather_seq(rms_norm(x, params["lm_head"]["norm"], cfg.norm_eps), tp)
-    return vocab_parallel_cross_entropy_sums(h @ w_out.T, labels, tp)
+    return vocab_parallel_linear_cross_entropy_sums(h, w_out, labels, tp, loss_chunk_tokens)

@@ -35,6 +35,7 @@ from olmo_fn.parallelize.placed_step import (
     model_view,
 )
 from olmo_fn.parallelize.tensor_parallel import tp_block_fn, tp_loss_sums
+from olmo_fn.runtime import LOSS_CHUNK_PIPELINE
 from olmo_fn.state.adamw import AdamWConfig, adamw_update
 from olmo_fn.state.clip import clip_by_global_norm
 from olmo_fn.state.gradients import GradientFn, Gradients
@@ -157,8 +158,8 @@ def make_loss_sums_fn(settings: StepSettings, sharding: Sharding | None = None) 
     block_fn = block_function(settings, sharding)
     if tp is None:
         model_loss_sums = functools.partial(loss_sums, loss_chunk_tokens=settings.loss_chunk_tokens)
-    else:  # the vocabulary-parallel loss holds 1/tp of the logits per rank, unchunked
-        model_loss_sums = functools.partial(tp_loss_sums, tp=tp)
+    else:  # the vocabulary-parallel loss: 1/tp of each chunk's logits per rank
+        model_loss_sums = functools.partial(tp_loss_sums, tp=tp, loss_chunk_tokens=settings.loss_chunk_tokens)
 
     def sums(params: TensorDict, mb: Batch):
         kwargs = {}
@@ -253,6 +254,9 @@ def make_train_step(settings: StepSettings, sharding: Sharding | None = None) ->
         return make_compiled_train_step(settings)
     if sharding is not None and sharding.pipeline is not None:
         from olmo_fn.state.pipeline_step import make_pipeline_gradient_fn
+
+        if settings.loss_chunk_tokens:
+            raise ConfigError(f"loss_chunk_tokens={settings.loss_chunk_tokens} {LOSS_CHUNK_PIPELINE}")
 
         gradient_fn = make_pipeline_gradient_fn(settings, sharding)
     else:

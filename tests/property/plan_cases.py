@@ -114,7 +114,7 @@ def cases(draw, world: int, shapes: list[MeshShape] | None = None) -> Case:
         document_masking=draw(st.booleans()),
         # recomputation composes with every plan; zero-bubble pipeline schedules refuse it
         ac=draw(st.sampled_from(["none", "full", "selective"])) if shape.pp == 1 else "none",
-        loss_chunk_tokens=draw(st.sampled_from([None, 3])),
+        loss_chunk_tokens=draw(st.sampled_from([None, 3])) if shape.pp == 1 else None,
     )
     return Case(model, settings, tokens, eos, shape, seed)
 
@@ -261,6 +261,21 @@ def _pipeline_grad_norm_not_summed_over_stages():
     return lambda: setattr(train_step, "global_grad_norm", real)
 
 
+def _tp_loss_chunks_dropping_the_tail():
+    """The chunked vocabulary-parallel loss leaving out a last chunk shorter than the others."""
+    import olmo_fn.parallelize.tensor_parallel as tp
+
+    real = tp.vocab_parallel_linear_cross_entropy_sums
+
+    def whole_chunks_only(h, w_out, labels, group, chunk_tokens=None, ignore_index=-100):
+        n = (labels.numel() // chunk_tokens) * chunk_tokens
+        h, labels = h.reshape(-1, h.shape[-1])[:n], labels.reshape(-1)[:n]
+        return real(h, w_out, labels, group, chunk_tokens, ignore_index)
+
+    tp.vocab_parallel_linear_cross_entropy_sums = whole_chunks_only
+    return lambda: setattr(tp, "vocab_parallel_linear_cross_entropy_sums", real)
+
+
 SABOTAGE = {
     "cp_keys_taken_as_contiguous": _context_parallel_keys_taken_as_contiguous,
     "cp_mask_without_cross_slice_documents": _context_parallel_mask_without_cross_slice_documents,
@@ -270,6 +285,7 @@ SABOTAGE = {
     "norm_grads_not_summed": _norm_gradients_not_summed_over_tp,
     "pp_grad_norm_not_summed": _pipeline_grad_norm_not_summed_over_stages,
     "pp_loss_sums_not_summed": _pipeline_loss_sums_not_summed_over_stages,
+    "tp_loss_chunks_drop_tail": _tp_loss_chunks_dropping_the_tail,
 }
 """Deliberate bugs a job can switch on, for the negative controls: name -> patch (returning its undo)."""
 

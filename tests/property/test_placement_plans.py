@@ -10,6 +10,8 @@ The `nightly` hypothesis profile runs many more examples.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from hypothesis import given, settings
 
@@ -37,7 +39,9 @@ def test_plans_on_four_ranks_equal_one_process(pools, case):
     check(pools(4), case)
 
 
-def _fixed_case(shape: MeshShape, pipeline=None, n_layers: int = 1, rows: int = 2) -> Case:
+def _fixed_case(
+    shape: MeshShape, pipeline=None, n_layers: int = 1, rows: int = 2, loss_chunk_tokens: int | None = None
+) -> Case:
     """A fixed example with QK-norm and the OLMo 2 block, under `shape` (and `pipeline`)."""
     import numpy as np
     import torch
@@ -50,6 +54,7 @@ def _fixed_case(shape: MeshShape, pipeline=None, n_layers: int = 1, rows: int = 
     settings_ = StepSettings(
         model, AdamWConfig(lr=1e-2), ScheduleConfig(warmup_steps=1), STEPS, 2, torch.float64
     )
+    settings_ = dataclasses.replace(settings_, loss_chunk_tokens=loss_chunk_tokens)
     gen = np.random.default_rng(0)
     tokens = tuple(gen.integers(0, 12, (rows, 8)) for _ in range(STEPS))
     return Case(model, settings_, tokens, 0, shape, seed=3, pipeline=pipeline)
@@ -62,12 +67,13 @@ def _fixed_case(shape: MeshShape, pipeline=None, n_layers: int = 1, rows: int = 
         ("norm_grads_not_summed", MeshShape(1, 1, 2)),  # TP + SP: norm weights see a slice each
         ("data_parallel_grads_not_summed", MeshShape(1, 2, 1)),  # FSDP: each rank's own data
         ("grad_norm_counts_copies", MeshShape(1, 1, 2)),  # clipping by a norm counting replicas twice
+        ("tp_loss_chunks_drop_tail", MeshShape(1, 1, 2)),  # chunked vocab-parallel loss: 16 = 2 x 6 + 4
     ],
 )
 def test_the_property_catches_a_missing_reduction(pools, sabotage, shape):
     """Negative control: the same example passes as built and fails with one reduction left out (or
-    done once too often)."""
-    case = _fixed_case(shape)
+    done once too often), or with the chunked loss missing its last, shorter chunk."""
+    case = _fixed_case(shape, loss_chunk_tokens=6 if sabotage.startswith("tp_loss_chunks") else None)
     check(pools(2), case)
     with pytest.raises(AssertionError, match="Not equal to tolerance"):
         check(pools(2), case, sabotage)
