@@ -11,7 +11,7 @@ graph.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -31,15 +31,23 @@ def to_compute(stored: DTensor, rule: Rule, plan: Plan) -> torch.Tensor:
     return gathered.to_local(grad_placements=rule.grad_placements)
 
 
-def tree_to_compute(tree: Mapping[str, Any], prefix: str, plan: Plan, rules: Mapping[str, Rule]) -> dict:
+def tree_to_compute(
+    tree: Mapping[str, Any],
+    prefix: str,
+    plan: Plan,
+    rules: Mapping[str, Rule],
+    gather: Callable[[str, DTensor, Rule, Plan], Any] | None = None,
+) -> dict:
     """`to_compute` over a (nested) subtree whose dotted paths, after `prefix`, are keys of `rules`;
-    returns plain dicts."""
+    returns plain dicts. gather: ``gather(path, stored, rule, plan)`` in place of `to_compute` (it may
+    return another array type, e.g. a float8 tensor, for the paths it chooses)."""
     out: dict[str, Any] = {}
     for key in tree.keys():  # noqa: SIM118 (a TensorDict iterates only through keys())
         value = tree[key]
         path = f"{prefix}{key}"
         if isinstance(value, DTensor):
-            out[key] = to_compute(value, rules[path], plan)
+            rule = rules[path]
+            out[key] = gather(path, value, rule, plan) if gather else to_compute(value, rule, plan)
         else:
-            out[key] = tree_to_compute(value, f"{path}.", plan, rules)
+            out[key] = tree_to_compute(value, f"{path}.", plan, rules, gather)
     return out

@@ -28,7 +28,9 @@ from olmo_fn.errors import ConfigError
 from olmo_fn.graph.model import BlockFn
 from olmo_fn.parallelize.activation_checkpoint import ActivationCheckpointing, checkpointed_block
 from olmo_fn.parallelize.axis_group import AxisGroup
-from olmo_fn.parallelize.compute_layout import tree_to_compute
+from olmo_fn.parallelize.compute_layout import to_compute, tree_to_compute
+from olmo_fn.parallelize.float8_gather import FLOAT8_GATHERED, float8_gather, gathered_axes
+from olmo_fn.parallelize.fp8 import Float8Matmul
 from olmo_fn.parallelize.mesh import Layout
 from olmo_fn.parallelize.plan import Plan, Rule
 
@@ -106,7 +108,11 @@ def model_view(params: TensorDict, sharding: Sharding) -> dict[str, Any]:
 
 
 def gathering_block(
-    block_fn: BlockFn, sharding: Sharding, *, checkpointing: ActivationCheckpointing
+    block_fn: BlockFn,
+    sharding: Sharding,
+    *,
+    checkpointing: ActivationCheckpointing,
+    float8: Float8Matmul | None = None,
 ) -> BlockFn:
     """`block_fn` run on a `_StoredBlock`, gathered to its compute layout first, under the activation
     checkpointing policy `checkpointing` applied to gather and block together.
@@ -115,10 +121,21 @@ def gathering_block(
     (the policy saves the outputs of matmuls and attention and recomputes everything else, the gather
     included), so about one block's full weights are live at a time, at the cost of a second gather per
     block in backward. ``full`` recomputes the gather too; ``none`` keeps the gathered weights.
+
+    float8: a tensorwise float8 configuration whose block matrices are gathered in float8
+    (`olmo_fn.parallelize.float8_gather`) where the gather communicates; `block_fn` then gets them as
+    float8 tensors (it must multiply them through `olmo_fn.parallelize.fp8.float8_block`).
     """
+    gather = None
+    if float8 is not None:
+
+        def gather(path, stored, rule, plan):
+            if path in FLOAT8_GATHERED and gathered_axes(stored, rule):
+                return float8_gather(stored, rule, plan, float8)
+            return to_compute(stored, rule, plan)
 
     def gather_and_run(stored: _StoredBlock, x, rope, mask, cfg):
-        params = tree_to_compute(stored.tree, "", sharding.plan, stored.rules)
+        params = tree_to_compute(stored.tree, "", sharding.plan, stored.rules, gather)
         return block_fn(params, x, rope, mask, cfg)
 
     return checkpointed_block(gather_and_run, checkpointing)

@@ -22,7 +22,7 @@ from olmo_fn.parallelize.activation_checkpoint import (
 )
 from olmo_fn.parallelize.compile import compile_block
 from olmo_fn.parallelize.context_parallel import context_parallel_block, context_parallel_slice
-from olmo_fn.parallelize.fp8 import Fp8Recipe, float8_block
+from olmo_fn.parallelize.fp8 import Float8Matmul, Fp8Recipe, float8_block, float8_matmul
 from olmo_fn.parallelize.mixed_precision import compute_params
 from olmo_fn.parallelize.parallel_config import ZERO_BUBBLE_SCHEDULES
 from olmo_fn.parallelize.placed_step import (
@@ -122,8 +122,17 @@ def block_function(settings: StepSettings, sharding: Sharding | None) -> BlockFn
     else:
         block_fn = context_parallel_block(cfg, cp) if cp is not None else block_for(cfg)
     block_fn = float8_block(block_fn, settings.fp8, emulate=settings.fp8_emulate)
-    block_fn = gathering_block(block_fn, sharding, checkpointing=policy)
+    block_fn = gathering_block(block_fn, sharding, checkpointing=policy, float8=float8_gathering(settings))
     return compile_block(block_fn, memory_budget=budget) if settings.compile else block_fn
+
+
+def float8_gathering(settings: StepSettings) -> Float8Matmul | None:
+    """The float8 configuration whose sharded block matrices are gathered in float8: the tensorwise
+    recipe's (one scale per matrix), in eager blocks; None for rowwise, and for compiled blocks
+    (gathered in the compute dtype, then cast: see `olmo_fn.parallelize.float8_gather`)."""
+    if settings.fp8 != "tensorwise" or settings.compile:
+        return None
+    return float8_matmul(settings.fp8, settings.fp8_emulate)
 
 
 def _split_backward(sharding: Sharding | None) -> bool:
