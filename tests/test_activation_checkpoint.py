@@ -11,7 +11,6 @@ import torch
 
 from olmo_fn.errors import ConfigError
 from olmo_fn.graph import ModelConfig, init_params
-from olmo_fn.graph.param_tree import flatten
 from olmo_fn.io.instances import make_batch
 from olmo_fn.state.adamw import AdamWConfig
 from olmo_fn.state.schedule import ScheduleConfig
@@ -109,8 +108,3 @@ def test_compiled_policies_equal_eager_none():
         got = gradients(settings(ac=policy, compile=True, ac_budget=0.3))
         assert_same(expected, got, exact=False)
         torch._dynamo.reset()
-
-
-def test_flat_paths_cover_the_tree():
-    params = init_params(CFG, seed=0)
-    assert len(flatten(params)) == len(gradients(settings())[2])

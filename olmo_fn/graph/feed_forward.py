@@ -23,8 +23,3 @@ def gated_mlp(p: Mapping[str, torch.Tensor], x: torch.Tensor, activation: str = 
 
     x: (..., d_model) -> (..., d_model)."""
     return linear(GATES[activation](linear(x, p["w1"])) * linear(x, p["w3"]), p["w2"])
-
-
-def swiglu(p: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """`gated_mlp` with the silu gate."""
-    return gated_mlp(p, x, "silu")

@@ -24,6 +24,7 @@ compiled block graph.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from tensordict import TensorDict
@@ -72,11 +73,17 @@ def flatten(tree: TensorDict | Mapping) -> dict[str, torch.Tensor]:
 
 def unflatten(flat: Mapping[str, torch.Tensor]) -> TensorDict:
     """``{dotted path: tensor}`` -> nested TensorDict (no batch dimensions)."""
-    nested: dict = {}
+    return TensorDict(unflatten_dicts(flat), batch_size=[])
+
+
+def unflatten_dicts(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """``{dotted path: value}`` -> nested plain dicts (which the compiler traces without a TensorDict
+    round trip)."""
+    nested: dict[str, Any] = {}
     for path, value in flat.items():
         node = nested
         *parents, leaf = path.split(".")
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = value
-    return TensorDict(nested, batch_size=[])
+    return nested

@@ -32,6 +32,8 @@ class Float8Matmul:
 
     config: Any
     mm_config: Any
+    apply: Any
+    """torchao's float8 matmul: ``apply(x, weight_t, mm_config, config)``."""
 
 
 @functools.cache
@@ -46,6 +48,7 @@ def float8_matmul(recipe: str, emulate: bool) -> Float8Matmul:
             logger.setLevel(logging.ERROR)
         try:
             from torchao.float8.config import Float8LinearConfig
+            from torchao.float8.float8_linear import matmul_with_hp_or_float8_args
             from torchao.float8.float8_training_tensor import LinearMMConfig, ScaledMMConfig
         finally:
             for logger, level in zip(quiet, levels, strict=True):
@@ -59,7 +62,7 @@ def float8_matmul(recipe: str, emulate: bool) -> Float8Matmul:
     mm = LinearMMConfig(
         *(ScaledMMConfig(emulate, g.use_fast_accum, False, config.pad_inner_dim) for g in gemms)
     )
-    return Float8Matmul(config, mm)
+    return Float8Matmul(config, mm, matmul_with_hp_or_float8_args.apply)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,11 +73,7 @@ class Float8Weight:
     matmul: Float8Matmul
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
-        from torchao.float8.float8_linear import matmul_with_hp_or_float8_args
-
-        return matmul_with_hp_or_float8_args.apply(
-            x, self.weight.t(), self.matmul.mm_config, self.matmul.config
-        )
+        return self.matmul.apply(x, self.weight.t(), self.matmul.mm_config, self.matmul.config)
 
 
 def float8_block(block_fn: BlockFn, recipe: Fp8Recipe, *, emulate: bool) -> BlockFn:

@@ -11,7 +11,6 @@ micro-batch are made outside the graph and passed in.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -19,7 +18,7 @@ import torch
 from olmo_fn.errors import ConfigError
 from olmo_fn.graph.block import block_for
 from olmo_fn.graph.model import layer_inputs, loss_sums
-from olmo_fn.graph.param_tree import flatten, param_shapes
+from olmo_fn.graph.param_tree import flatten, param_shapes, unflatten_dicts
 from olmo_fn.io.batch import Batch
 from olmo_fn.state.adamw import decays
 from olmo_fn.state.schedule import lr_at
@@ -41,18 +40,6 @@ def step_compile_problems(settings: Any, sharded: bool) -> list[str]:
     return problems
 
 
-def _nest(flat: Mapping[str, torch.Tensor]) -> dict[str, Any]:
-    # `param_tree.unflatten`, into plain dicts: the compiler traces dicts without a TensorDict round trip
-    nested: dict[str, Any] = {}
-    for path, value in flat.items():
-        node = nested
-        *parents, leaf = path.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return nested
-
-
 def make_compiled_train_step(settings):
     """A `train_step(state, batch)` like `make_train_step`'s, computed by one compiled graph per
     batch shape. `settings` is a `StepSettings` with ``compile_step`` set."""
@@ -63,7 +50,7 @@ def make_compiled_train_step(settings):
     block_fn = block_for(cfg)
 
     def objective(leaves: dict[str, torch.Tensor], ids, labels, inputs, n_targets):
-        view = _nest({k: t.to(settings.compute_dtype) for k, t in leaves.items()})
+        view = unflatten_dicts({k: t.to(settings.compute_dtype) for k, t in leaves.items()})
         ce, z, _ = loss_sums(
             view,
             ids,
