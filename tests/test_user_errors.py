@@ -168,3 +168,23 @@ def test_evaluation_under_the_zbv_schedule_is_refused_before_anything_starts(tmp
         capsys.readouterr().err
     )
     assert not run_dir.exists()
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        (["--ac", "budget", "--compile", "off"], "ac=budget is chosen by torch.compile's partitioner"),
+        (["--compile", "step", "--parallel.dp-shard", "2"], "compile=step runs in one process"),
+        (
+            ["--loss-chunk-tokens", "64", "--parallel.pp", "2"],
+            "loss_chunk_tokens=64 is not supported with pipeline",
+        ),
+    ],
+)
+def test_speed_options_that_cannot_run_together_are_refused_before_anything_starts(
+    tmp_path, capsys, options, expected
+):
+    run_dir = tmp_path / "run"
+    assert main(["train", *options, "--steps", "60", "--run-dir", str(run_dir)]) == 2
+    assert expected in one_error_line(capsys.readouterr().err)
+    assert not run_dir.exists()
