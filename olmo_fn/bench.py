@@ -35,10 +35,10 @@ from olmo_fn.runtime import (
     resolve_dtype,
     resolve_loss_chunk,
 )
-from olmo_fn.state.adamw import AdamWConfig
 from olmo_fn.state.checkpoint import latest_checkpoint, load_checkpoint
 from olmo_fn.state.checkpoint_writer import CheckpointConfig, CheckpointWriter
 from olmo_fn.state.compiled_step import step_compile_problems
+from olmo_fn.state.optim_config import OptimConfig
 from olmo_fn.state.schedule import ScheduleConfig
 from olmo_fn.state.train_state import empty_train_state, init_train_state
 from olmo_fn.state.train_step import StepSettings, make_train_step
@@ -68,7 +68,7 @@ class BenchConfig:
     """Leading steps left out of tokens_per_s (the first one is reported as first_step_s)."""
     seed: int = 0
     """Seeds the parameter init and the random tokens."""
-    optim: AdamWConfig = AdamWConfig(implementation="fused")
+    optim: OptimConfig = OptimConfig(implementation="fused")
     document_masking: bool = True
     """Build document masks as training does (random rows hold one document each)."""
     attention_backend: AttentionBackend = "auto"

@@ -16,20 +16,23 @@ from typing import Any, Literal
 
 import orjson
 
+from olmo_fn.callbacks.config import LogConfig, ProfileConfig
 from olmo_fn.errors import ConfigError
 from olmo_fn.evaluate import EvalConfig
 from olmo_fn.graph.config import ModelConfig, matrix_dims
 from olmo_fn.graph.model import AttentionBackend
 from olmo_fn.graph.presets import PRESETS
+from olmo_fn.init_from import init_from_problems
 from olmo_fn.io.loader import DataConfig
 from olmo_fn.parallelize.activation_checkpoint import ActivationCheckpointing, checkpointing_problems
 from olmo_fn.parallelize.fp8 import Fp8Recipe, fp8_problems
 from olmo_fn.parallelize.parallel_config import ParallelConfig
 from olmo_fn.runtime import LOSS_CHUNK_PIPELINE
-from olmo_fn.state.adamw import AdamWConfig
 from olmo_fn.state.checkpoint_writer import CheckpointConfig
 from olmo_fn.state.compiled_step import step_compile_problems
+from olmo_fn.state.optim_config import OptimConfig
 from olmo_fn.state.schedule import ScheduleConfig
+from olmo_fn.state.spikes import SpikeConfig
 
 PresetName = Literal[tuple(PRESETS)]  # type: ignore[valid-type]
 DEFAULT_PRESET = "olmo2-tiny"
@@ -43,8 +46,10 @@ class TrainConfig:
     """Model size; --model.* options override single fields of it."""
     model: ModelConfig = PRESETS[DEFAULT_PRESET]
     data: DataConfig = DataConfig()
-    optim: AdamWConfig = AdamWConfig()
+    optim: OptimConfig = OptimConfig()
     schedule: ScheduleConfig = ScheduleConfig()
+    spike: SpikeConfig = SpikeConfig()
+    """Skip the update of a step whose loss or gradient norm spikes (off by default)."""
     steps: int = 600
     """Optimizer updates in the run."""
     global_batch_size: int = 16
@@ -88,6 +93,8 @@ class TrainConfig:
     checkpoint: CheckpointConfig = CheckpointConfig()
     eval: EvalConfig = EvalConfig()
     parallel: ParallelConfig = ParallelConfig()
+    log: LogConfig = LogConfig()
+    profile: ProfileConfig = ProfileConfig()
     run_dir: str | None = None
     """Where config.json, metrics.jsonl and checkpoints go. Default: runs/<preset>-<date>-<time>.
     A directory that already holds a run is resumed from its newest complete checkpoint."""
@@ -95,9 +102,13 @@ class TrainConfig:
     """Require resuming: an error unless run_dir holds a checkpoint (never a silent fresh start)."""
     allow_config_change: bool = False
     """On resume, accept changes to fields that change the training math (e.g. a new schedule)."""
+    init_from: str | None = None
+    """Start a new run (step 0, zero optimizer moments, data from the start) from the weights of a run
+    directory, checkpoint, export or Hugging Face model directory, whose model (and tokenizer) the run
+    takes; --model.* flags may change fields that keep the shapes. Not read when the run resumes."""
 
     def __post_init__(self) -> None:
-        problems = []
+        problems = init_from_problems(self.init_from)
         for name in ("steps", "global_batch_size"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)} must be >= 1")
@@ -164,9 +175,12 @@ RUNTIME_FIELDS = frozenset(
         "parallel",  # placements change where the math runs, not what it computes
         "checkpoint",
         "eval",
+        "log",  # loggers and the profiler watch a run; they never change it
+        "profile",
         "run_dir",
         "resume",
         "allow_config_change",
+        "init_from",  # only a new run reads it; a resumed run continues from its own checkpoints
         "data.tokenizer",  # describes the token files; the tokens themselves are what train
     }
 )

@@ -10,6 +10,7 @@ import numpy as np
 import orjson
 import torch
 
+from olmo_fn.downstream.runner import task_problems
 from olmo_fn.errors import ConfigError
 from olmo_fn.io.batch import Batch
 from olmo_fn.io.byte_tokenizer import BYTE_EOS
@@ -36,12 +37,22 @@ class EvalConfig:
     max_instances: int = 64
     """How many instances of data.seq_len tokens to evaluate on (the first ones, in file order)."""
     batch_size: int = 16
-    """Instances per forward pass."""
+    """Instances per forward pass (and multiple-choice rows per pass for the downstream tasks)."""
+    downstream: tuple[str, ...] | None = None
+    """Multiple-choice tasks scored at every evaluation, logged as downstream/TASK/acc, acc_norm, acc_pmi:
+    JSON-lines task files (HellaSwag, ARC, PIQA, generic) and/or builtin:next-line. None: builtin:next-line
+    when training on the embedded corpus without pipeline parallelism, else none; the flag with no
+    task: none."""
+    downstream_questions: int = 64
+    """Questions per downstream task: the first ones of each file, drawn ones for a built-in task."""
 
     def __post_init__(self) -> None:
-        for field in ("interval", "max_instances", "batch_size"):
+        for field in ("interval", "max_instances", "batch_size", "downstream_questions"):
             if getattr(self, field) < (0 if field == "interval" else 1):
                 raise ConfigError(f"eval.{field}={getattr(self, field)} is out of range")
+        problems = task_problems(self.downstream) if self.downstream else []
+        if problems:
+            raise ConfigError("eval.downstream: " + "; ".join(p.removeprefix("tasks: ") for p in problems))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,12 +7,15 @@ import dataclasses
 import math
 import sys
 import time
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from olmo_fn.callbacks import check_logging_options, memory_metrics, state_view
+from olmo_fn.callbacks.build import build_observers
 from olmo_fn.config import (
     TrainConfig,
     config_fingerprint,
@@ -23,13 +26,14 @@ from olmo_fn.config import (
 from olmo_fn.errors import ConfigError, OlmoFnError
 from olmo_fn.evaluate import evaluate, open_eval_data
 from olmo_fn.graph.flops import count_params
+from olmo_fn.in_loop_downstream import downstream_metrics, open_loop_tasks
+from olmo_fn.init_from import recorded_init_from, state_from_source
 from olmo_fn.io.atomic import write_json
 from olmo_fn.io.loader import Prefetcher, TrainingData, open_training_data
-from olmo_fn.io.metrics_log import MetricsLog, truncate_metrics
+from olmo_fn.io.metrics_log import truncate_metrics
 from olmo_fn.io.text_tokenizer import open_tokenizer_json
 from olmo_fn.parallelize.mesh import launched_world
 from olmo_fn.parallelize.world import World, start_world
-from olmo_fn.progress import StepProgress
 from olmo_fn.run_dir import TOKENIZER, RunStart, check_run_dir_writable, inspect_run_dir, keep_tokenizer
 from olmo_fn.runtime import (
     CpuThreads,
@@ -41,8 +45,9 @@ from olmo_fn.runtime import (
     resolve_dtype,
     resolve_loss_chunk,
 )
-from olmo_fn.state.checkpoint import load_checkpoint, remove_incomplete
+from olmo_fn.state.checkpoint import checkpoint_path, load_checkpoint, remove_incomplete
 from olmo_fn.state.checkpoint_writer import CheckpointWriter
+from olmo_fn.state.optim import init_opt_state
 from olmo_fn.state.train_state import TrainState, current_versions, empty_train_state, init_train_state
 from olmo_fn.state.train_step import StepSettings, execution_text, make_train_step
 
@@ -67,7 +72,8 @@ def start_state(
     ``(state, how it starts, config differences accepted on resume)``.
 
     A fresh state for a new run directory (or one whose earlier attempt failed before its first
-    update), or the newest checkpoint of an existing run; every refusal (see `olmo_fn.run_dir`)
+    update; with ``cfg.init_from``, the source's weights at step 0), or the newest checkpoint of an
+    existing run (``cfg.init_from`` is then not read); every refusal (see `olmo_fn.run_dir`)
     raises before the directory changes. The first batch is built here too, so data that cannot
     train (e.g. a token id outside the vocabulary) is named before a file is written. With a `world`,
     the state is placed by its plan (a checkpoint of any world size and plan is resharded on load).
@@ -87,11 +93,20 @@ def start_state(
                 f"training math: {'; '.join(differences)}. Resume without those options, or pass "
                 "--allow-config-change to continue with the new values (e.g. a new schedule for annealing)"
             )
-        state = load_checkpoint(start.checkpoint, place(empty_train_state(cfg.model, device=device)))
+        state = resume_state(cfg, start, saved, place, device)
+    elif cfg.init_from is not None:  # a new run from a source's weights; never on resume
+        state = place(
+            state_from_source(cfg, device=device, config=config_json, config_fingerprint=fingerprint)
+        )
     else:
         state = place(
             init_train_state(
-                cfg.model, seed=cfg.seed, device=device, config=config_json, config_fingerprint=fingerprint
+                cfg.model,
+                seed=cfg.seed,
+                device=device,
+                config=config_json,
+                config_fingerprint=fingerprint,
+                optim=cfg.optim,
             )
         )
     if cfg.schedule.start_step > state.step:
@@ -103,6 +118,19 @@ def start_state(
     if state.step < cfg.steps:
         data.batch(state.data_cursor, cfg.global_batch_size, **_data_share(world))  # DataError if unusable
     return state, start, differences
+
+
+def resume_state(cfg: TrainConfig, start: RunStart, saved: dict, place, device: torch.device) -> TrainState:
+    """The newest checkpoint of the run, loaded into a template of its own optimizer's state layout
+    (as its config names it). When the run now asks for another optimizer (accepted on resume only
+    with --allow-config-change), the parameters carry over and the new optimizer's state starts at zero.
+    """
+    saved_optim = dataclasses.replace(cfg.optim, name=saved.get("optim", {}).get("name", "adamw"))
+    template = empty_train_state(cfg.model, device=device, optim=saved_optim)
+    state = load_checkpoint(start.checkpoint, place(template))
+    if saved_optim.name == cfg.optim.name:
+        return state
+    return dataclasses.replace(state, opt_state=init_opt_state(state.params, cfg.optim))
 
 
 def _prepare_run_dir(
@@ -119,6 +147,8 @@ def _prepare_run_dir(
             f"starting {run_dir} afresh: it holds no checkpoint and no completed step "
             "(an earlier attempt stopped before its first update)",
         )
+    if start.kind != "resume" and cfg.init_from is not None:
+        _say(verbose, f"starting from the weights of {cfg.init_from} (step 0, zero optimizer state)")
     if start.kind == "resume":
         dropped = truncate_metrics(run_dir / "metrics.jsonl", state.step)
         _say(verbose, f"resuming {run_dir} from step {state.step} ({start.checkpoint.name})")
@@ -162,7 +192,7 @@ def metrics_lag(device: torch.device) -> int:
     return 1 if device.type == "cuda" else 0
 
 
-def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
+def train(cfg: TrainConfig, *, progress: bool = True, observers: Sequence[object] = ()) -> Path:
     """Run training as configured (resuming when run_dir holds a run); returns the run directory.
 
     Everything that can be checked is checked before the run directory is touched: the config, the
@@ -171,6 +201,9 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
     Under a launcher (torchrun) every process calls this; each reads its data-parallel share of every
     batch and writes its checkpoint shards, and rank 0 alone writes config.json, metrics.jsonl and the
     progress line.
+
+    `observers` watch the run's records, evaluations, checkpoints and end on rank 0, after the
+    built-in ones (see `olmo_fn.callbacks.observer`); they cannot change the training.
     """
     device = resolve_device(cfg.device)
     if cfg.resume and cfg.run_dir is None:
@@ -183,6 +216,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
             "evaluation under parallel.pp_schedule=zbv is not supported (its V-shaped stages have no "
             "forward-only schedule in torch): pass --eval.interval 0, or choose interleaved-zb"
         )
+    check_logging_options(cfg.log, cfg.profile, cfg.steps)
     world, device = start_world(
         cfg.parallel,
         cfg.model,
@@ -195,7 +229,9 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
     # A rank that fails leaves its group as it is: the launcher, or the others' collective timeout,
     # ends the rest. Only a run that finished everywhere tears the group down.
     coordinator = world is None or world.is_coordinator
-    run_dir = _train(cfg, device, world, compiled=compiled, progress=progress and coordinator)
+    run_dir = _train(
+        cfg, device, world, compiled=compiled, progress=progress and coordinator, observers=observers
+    )
     if world is not None:
         world.barrier()
         dist.destroy_process_group()
@@ -203,7 +239,13 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
 
 
 def _train(
-    cfg: TrainConfig, device: torch.device, world: World | None, *, compiled: bool, progress: bool
+    cfg: TrainConfig,
+    device: torch.device,
+    world: World | None,
+    *,
+    compiled: bool,
+    progress: bool,
+    observers: Sequence[object] = (),
 ) -> Path:
     coordinator = world is None or world.is_coordinator
     threads = None
@@ -220,7 +262,9 @@ def _train(
     total_instances = cfg.steps * cfg.global_batch_size
     data = open_training_data(cfg.data, cfg.model.vocab_size, seed=cfg.seed, total_instances=total_instances)
     eval_data = open_eval_data(cfg.eval, cfg.data, cfg.model.vocab_size)
+    loop_tasks = open_loop_tasks(cfg)  # downstream tasks, read and checked once
     state, start, differences = start_state(cfg, run_dir, device, data, world)
+    cfg = recorded_init_from(cfg, start.manifest["config"] if start.kind == "resume" else None)
     if coordinator:
         _prepare_run_dir(cfg, run_dir, state, start, differences, progress)
     # From here the state carries this command's config and software (a resumed one, the checkpoint's).
@@ -259,6 +303,7 @@ def _train(
         fp8=cfg.fp8,
         fp8_emulate=fp8_emulated(device),
         compile_step=cfg.compile == "step",
+        spike=cfg.spike,
     )
     sharding = world.sharding if world is not None else None
     step_fn = make_train_step(settings, sharding)
@@ -282,9 +327,25 @@ def _train(
     last_read = time.perf_counter()
     # Async saves of several processes talk over a group of their own, beside the training's.
     save_group = dist.new_group(backend="gloo") if world is not None and cfg.checkpoint.async_save else None
+    # metrics.jsonl, the progress line, W&B, TensorBoard (rank 0), the profiler, the caller's observers;
+    # the group is left last, so their on_end comes after the last checkpoint is complete.
+    observer_group, profiler = build_observers(
+        log=cfg.log,
+        profile=cfg.profile,
+        run_dir=run_dir,
+        device=device,
+        total_steps=cfg.steps,
+        start_step=state.step,
+        config=config_to_dict(cfg),
+        coordinator=coordinator,
+        rank=world.rank if world is not None else None,
+        progress=progress,
+        extra=observers,
+    )
+    if profiler is not None:
+        step_fn = profiler.wrap(step_fn)
     with (
-        MetricsLog(run_dir / "metrics.jsonl") if coordinator else contextlib.nullcontext() as log,
-        StepProgress(cfg.steps, start=state.step, enabled=progress) as bar,
+        observer_group,
         CheckpointWriter(run_dir, cfg.checkpoint, group=save_group) as checkpoints,
         Prefetcher(
             lambda cursor: data.batch(cursor, cfg.global_batch_size, **share),
@@ -300,9 +361,8 @@ def _train(
             now = time.perf_counter()
             row["tokens_per_s"] = row.pop("n_tokens") / (now - last_read - row.get("eval_s", 0.0))
             last_read = now
-            if log is not None:
-                log.write(row)
-            bar.update(row["step"], row["loss"], row["tokens_per_s"])
+            row.update(memory_metrics(device))
+            observer_group.record(state_view(row["step"], row["tokens_seen"], state), row)
             if not math.isfinite(row["loss"]):
                 raise TrainingError(
                     f"loss is {row['loss']} at step {row['step']} (lr {row['lr']:.3g}, "
@@ -321,9 +381,15 @@ def _train(
                 "tokens_seen": state.tokens_seen,
             }
             row["data_wait_s"] = batches.wait_s - waited
-            if eval_data is not None and (state.step % cfg.eval.interval == 0 or state.step == cfg.steps):
+            evaluating = eval_data is not None or loop_tasks is not None
+            if evaluating and (state.step % cfg.eval.interval == 0 or state.step == cfg.steps):
                 started = time.perf_counter()
-                row.update(evaluate(state.params, eval_data, settings, device, sharding))
+                if eval_data is not None:
+                    row.update(evaluate(state.params, eval_data, settings, device, sharding))
+                if loop_tasks is not None:
+                    scored = time.perf_counter()
+                    row.update(downstream_metrics(state.params, loop_tasks, cfg.model, device))
+                    row["downstream_s"] = time.perf_counter() - scored
                 row["eval_s"] = time.perf_counter() - started
             pending.append(row)
             while len(pending) > lag:
@@ -332,6 +398,7 @@ def _train(
                 while pending:  # a checkpoint never lands before the metrics of the steps it holds
                     record(pending.pop(0))
                 checkpoints.save(state)
+                observer_group.checkpoint(state.step, checkpoint_path(run_dir, state.step))
         while pending:
             record(pending.pop(0))
     return run_dir

@@ -253,6 +253,6 @@ def test_without_matplotlib(runs, tmp_path, monkeypatch):
 
 def test_config_parses_from_the_command_line():
     tyro = pytest.importorskip("tyro")
-    cfg = tyro.cli(PlotConfig, args=["--runs", "a", "b/metrics.jsonl", "--out", "o.png", "--x", "tokens"])
+    cfg = tyro.cli(PlotConfig, args=["a", "b/metrics.jsonl", "--out", "o.png", "--x", "tokens"])
     assert [str(r) for r in cfg.runs] == ["a", "b/metrics.jsonl"] and cfg.x == "tokens"
     assert cfg.metrics == PlotConfig(runs=("a",), out="o.png").metrics and cfg.smooth == 0

@@ -23,7 +23,7 @@ def test_ci_runs_the_readme_test_command():
 
 def test_notebook_example_runs():
     readme = (ROOT / "README.md").read_text()
-    (example,) = re.findall(r"```python\n(.*?)```", readme, re.S)
+    (example,) = re.findall(r"## In a notebook\n+```python\n(.*?)```", readme, re.S)
     namespace: dict = {}
     exec(example, namespace)
     assert tuple(namespace["out"].shape) == (2, 64, namespace["cfg"].vocab_size)

@@ -11,6 +11,7 @@ import torch
 from olmo_fn.errors import DataError
 from olmo_fn.graph.loss import IGNORE_INDEX
 from olmo_fn.io.batch import Batch
+from olmo_fn.io.loss_mask import open_loss_mask, read_mask
 from olmo_fn.io.token_file import check_token_range, open_token_file
 
 
@@ -27,6 +28,8 @@ class ChunkedTokens:
     seq_len: int
     starts: np.ndarray
     """starts[f] = index of the first instance of file f; starts[-1] = number of instances."""
+    masks: tuple[np.ndarray | None, ...] = ()
+    """Each file's loss mask (`olmo_fn.io.loss_mask`), None for a file without one; () for none."""
 
     @classmethod
     def open(cls, paths: list[Path], dtype: np.dtype, seq_len: int) -> ChunkedTokens:
@@ -41,7 +44,8 @@ class ChunkedTokens:
                 f"{longest} tokens, fewer than one instance of data.seq_len={seq_len}"
             )
         starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        return cls(tuple(paths), arrays, seq_len, starts)
+        masks = tuple(open_loss_mask(p, len(a)) for p, a in zip(paths, arrays, strict=True))
+        return cls(tuple(paths), arrays, seq_len, starts, masks if any(m is not None for m in masks) else ())
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -61,6 +65,19 @@ class ChunkedTokens:
             out[row] = chunk
         return out
 
+    def loss_masks(self, indices: np.ndarray) -> np.ndarray | None:
+        """(len(indices), seq_len) bool: which tokens of each instance are trained on as targets (all of
+        a file without a loss mask); None when no file has one."""
+        if not self.masks:
+            return None
+        out = np.ones((len(indices), self.seq_len), dtype=bool)
+        for row, index in enumerate(indices):
+            f, offset = self.locate(int(index))
+            piece = read_mask(self.masks[f], offset, self.seq_len, self.paths[f])
+            if piece is not None:
+                out[row] = piece
+        return out
+
 
 def document_ids(tokens: torch.Tensor, eos: int) -> torch.Tensor:
     """(batch, seq) ids counting the EOS tokens strictly before each position: an EOS belongs to the
@@ -78,10 +95,19 @@ def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
     return idx - torch.cummax(torch.where(starts, idx, 0), dim=1).values
 
 
-def make_batch(tokens: np.ndarray | torch.Tensor, eos: int) -> Batch:
-    """A `Batch` from (batch, seq) tokens: labels are the next token (the last position has none)."""
+def make_batch(
+    tokens: np.ndarray | torch.Tensor, eos: int, loss_mask: np.ndarray | torch.Tensor | None = None
+) -> Batch:
+    """A `Batch` from (batch, seq) tokens: labels are the next token (the last position has none).
+
+    loss_mask: (batch, seq) bool of the tokens trained on as targets; position i keeps its label
+    (token i + 1) only where ``loss_mask[:, i + 1]`` is set. None: every target.
+    """
     ids = torch.as_tensor(tokens, dtype=torch.int64)
     labels = torch.full_like(ids, IGNORE_INDEX)
     labels[:, :-1] = ids[:, 1:]
+    if loss_mask is not None:
+        targets = torch.as_tensor(loss_mask, dtype=torch.bool)[:, 1:]
+        labels[:, :-1] = torch.where(targets, labels[:, :-1], IGNORE_INDEX)
     doc_ids = document_ids(ids, eos)
     return Batch(ids, labels, doc_ids, document_positions(doc_ids))

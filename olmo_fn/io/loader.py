@@ -37,7 +37,8 @@ class DataConfig:
 
     paths: tuple[str, ...] = ()
     """Token files (OLMo-core format) or glob patterns. Empty (and no sources): the embedded,
-    byte-tokenized Python standard-library corpus."""
+    byte-tokenized Python standard-library corpus. A ``<file>.loss_mask`` beside a token file (from
+    prepare-data --format chat|prompt-completion) limits the loss to the targets it marks."""
     sources: tuple[SourceConfig, ...] = ()
     """A mixture of named sources, each with paths, a ratio (or ratio schedule) and a maximum
     repetition. Written in a config file (--config); replaces paths."""
@@ -116,7 +117,8 @@ class TrainingData:
         if isinstance(instances, PackedDocuments):
             tokens, labels, doc_ids = (torch.from_numpy(a) for a in instances.rows(indices, self.vocab_size))
             return Batch(tokens, labels, doc_ids, document_positions(doc_ids))
-        return make_batch(instances.tokens(indices, self.vocab_size), self.eos_token_id)
+        tokens = instances.tokens(indices, self.vocab_size)
+        return make_batch(tokens, self.eos_token_id, instances.loss_masks(indices))
 
 
 def _interleave(parts: list[tuple[np.ndarray, Batch]], n: int) -> Batch:

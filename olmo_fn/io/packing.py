@@ -3,7 +3,8 @@
 Documents are the EOS-terminated runs of a token file; one longer than an instance is cut into
 instance-sized pieces. Each instance holds whole documents (or pieces) and padding; every document
 keeps its own id and positions, its last token predicts nothing, and padding is masked out of the
-loss and attends only to itself.
+loss and attends only to itself. A file's loss mask (`olmo_fn.io.loss_mask`) is read at the same
+offsets as its tokens, so it travels with every document wherever packing puts it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 
 from olmo_fn.errors import DataError
 from olmo_fn.graph.loss import IGNORE_INDEX
+from olmo_fn.io.loss_mask import mask_targets, open_loss_mask, read_mask
 from olmo_fn.io.token_file import check_token_range, open_token_file
 
 
@@ -84,6 +86,8 @@ class PackedDocuments:
     pad: int
     segments: np.ndarray
     bounds: np.ndarray
+    masks: tuple[np.ndarray | None, ...] = ()
+    """Each file's loss mask, None for a file without one; () when no file has one."""
 
     @classmethod
     def open(cls, paths: list[Path], dtype: np.dtype, seq_len: int, eos: int, pad: int) -> PackedDocuments:
@@ -97,7 +101,9 @@ class PackedDocuments:
         order = np.lexsort((spans_all[:, 0], files, bins))  # by bin, then file order inside a bin
         segments = np.column_stack([files, spans_all])[order]
         bounds = np.searchsorted(bins[order], np.arange(bins.max() + 2))
-        return cls(tuple(paths), arrays, seq_len, eos, pad, segments, bounds)
+        masks = tuple(open_loss_mask(p, len(a)) for p, a in zip(paths, arrays, strict=True))
+        masks = masks if any(m is not None for m in masks) else ()
+        return cls(tuple(paths), arrays, seq_len, eos, pad, segments, bounds, masks)
 
     def __len__(self) -> int:
         return len(self.bounds) - 1
@@ -116,6 +122,9 @@ class PackedDocuments:
                 check_token_range(piece, vocab_size, self.paths[f], start)
                 tokens[row, at : at + length] = piece
                 labels[row, at : at + length - 1] = piece[1:]
+                mask = read_mask(self.masks[f], start, length, self.paths[f]) if self.masks else None
+                if mask is not None:
+                    labels[row, at : at + length - 1] = mask_targets(piece[1:], mask[1:])
                 doc_ids[row, at : at + length] = doc
                 at += length
             doc_ids[row, at:] = len(segments)  # padding: its own document

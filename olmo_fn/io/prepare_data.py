@@ -2,10 +2,12 @@
 
 Each input file becomes ``OUTPUT_DIR/<name>.npy``, a raw headerless uint16/uint32 array holding every
 document as ``[BOS] tokens EOS``, plus ``<name>.npy.csv.gz`` with one ``start,end`` line per document
-(token offsets, end exclusive), and last ``<name>.npy.done.json``, the completion record. Every file
-is written atomically; a re-run skips the outputs whose record matches the input file, tokenizer and
-settings, and redoes the rest. Input files are spread over worker processes; the bytes written do not
-depend on the number of workers.
+(token offsets, end exclusive), and last ``<name>.npy.done.json``, the completion record. With
+``--format chat`` or ``--format prompt-completion`` (`olmo_fn.io.supervised_text`) the inputs are
+fine-tuning records, and ``<name>.npy.loss_mask`` marks the tokens trained on (`olmo_fn.io.loss_mask`).
+Every file is written atomically; a re-run skips the outputs whose record matches the input file,
+tokenizer and settings, and redoes the rest. Input files are spread over worker processes; the bytes
+written do not depend on the number of workers.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from olmo_fn.io.prepare_file import (
     prepare_file,
 )
 from olmo_fn.io.prepare_progress import PrepareProgress
+from olmo_fn.io.supervised_text import PARSERS, Format
 from olmo_fn.io.text_sources import expand_inputs, output_stems
 from olmo_fn.io.text_tokenizer import TextTokenizer, TokenizerSpec, load_tokenizer_spec
 from olmo_fn.io.token_file import TOKEN_DTYPES
@@ -64,6 +67,11 @@ class PrepareDataConfig:
     """Stop at the first malformed line instead of skipping and counting it."""
     text_field: str = "text"
     """Field of each JSON record that holds the document text."""
+    format: Format = "text"
+    """text: one document per record or file. prompt-completion: JSON lines {"prompt", "completion"},
+    trained on the completion only; chat: JSON lines {"messages": [{"role", "content"}]} in the template
+    "<|role|>\n" + content + "\n" per message, trained on the assistant messages only. Both write a
+    <name>.npy.loss_mask sidecar (one byte per token: 1 = trained on as a target)."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -78,6 +86,8 @@ class PrepareDataConfig:
             value = getattr(self, name)
             if value is not None and value < 0:
                 problems.append(f"prepare.{name}={value} must be >= 0")
+        if self.format not in ("text", *PARSERS):
+            problems.append(f"prepare.format={self.format!r} must be one of text, {', '.join(PARSERS)}")
         if self.dtype not in ("auto", *TOKEN_DTYPES):
             problems.append(f"prepare.dtype={self.dtype!r} must be one of auto, uint16, uint32")
         if problems:
@@ -170,6 +180,7 @@ def _record_key(path: Path, spec: TokenizerSpec, eos: int, cfg: PrepareDataConfi
         "bos_token_id": cfg.bos_token_id,
         "dtype": dtype,
         "text_field": cfg.text_field,
+        **({"format": cfg.format} if cfg.format != "text" else {}),  # text outputs keep today's record
     }
 
 
@@ -273,6 +284,7 @@ def _settings_line(plan: PreparePlan, workers: int) -> str:
         f"prepare-data: {len(plan.jobs)} input files ({skipped} already done), tokenizer {plan.spec.name} "
         f"(vocab {plan.spec.vocab_size}), eos {plan.eos_token_id}, bos {plan.bos_token_id}, "
         f"dtype {plan.dtype}, workers {workers}"
+        + (f", format {plan.jobs[0].format}" if plan.jobs and plan.jobs[0].format != "text" else "")
     )
 
 

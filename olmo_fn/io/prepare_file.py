@@ -1,5 +1,5 @@
-"""One input file of `prepare-data` turned into its outputs: the token array, the offsets sidecar, and
-last the completion record that marks both whole.
+"""One input file of `prepare-data` turned into its outputs: the token array, the offsets sidecar (and,
+for the fine-tuning formats, the loss-mask sidecar), and last the completion record that marks them whole.
 
 Reading is `olmo_fn.io.text_sources`, encoding `olmo_fn.io.text_tokenizer`; this module frames the
 documents with BOS/EOS, checks that ids fit the dtype, and writes every file atomically.
@@ -7,6 +7,7 @@ documents with BOS/EOS, checks that ids fit the dtype, and writes every file ato
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import gzip
@@ -19,6 +20,13 @@ import orjson
 
 from olmo_fn.errors import DataError
 from olmo_fn.io.atomic import atomic_write, atomic_write_bytes, write_json
+from olmo_fn.io.loss_mask import loss_mask_path
+from olmo_fn.io.supervised_text import (
+    SupervisedSource,
+    encode_segments,
+    frame_loss_mask,
+    segment_text_bytes,
+)
 from olmo_fn.io.text_sources import MalformedLine, TextSource
 from olmo_fn.io.text_tokenizer import TextTokenizer
 from olmo_fn.io.token_file import TOKEN_DTYPES
@@ -33,19 +41,22 @@ Report = Callable[[int, int, int], None]
 
 @dataclasses.dataclass(frozen=True)
 class OutputFiles:
-    """The three files made from one input; `record` is written last and marks the others complete."""
+    """The files made from one input; `record` is written last and marks the others complete.
+    `loss_mask` is written only for the fine-tuning formats (and removed with the rest otherwise)."""
 
     tokens: Path
     offsets: Path
     record: Path
+    loss_mask: Path
 
     @classmethod
     def for_stem(cls, output_dir: Path, stem: str) -> OutputFiles:
         tokens = output_dir / f"{stem}.npy"
-        return cls(tokens, output_dir / f"{stem}.npy.csv.gz", output_dir / f"{stem}.npy.done.json")
+        offsets, record = output_dir / f"{stem}.npy.csv.gz", output_dir / f"{stem}.npy.done.json"
+        return cls(tokens, offsets, record, loss_mask_path(tokens))
 
-    def all(self) -> tuple[Path, Path, Path]:
-        return (self.record, self.offsets, self.tokens)
+    def all(self) -> tuple[Path, Path, Path, Path]:
+        return (self.record, self.offsets, self.loss_mask, self.tokens)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +72,11 @@ class FileJob:
     @property
     def dtype(self) -> np.dtype:
         return TOKEN_DTYPES[self.key["dtype"]]
+
+    @property
+    def format(self) -> str:
+        """``text``, or the fine-tuning format (`olmo_fn.io.supervised_text`) that writes a loss mask."""
+        return self.key.get("format", "text")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,9 +101,13 @@ def is_complete(job: FileJob) -> bool:
         return False
     if job.strict and record.get("malformed_lines"):
         return False  # made by skipping lines that strict mode refuses
-    tokens, offsets = job.outputs.tokens, job.outputs.offsets
+    tokens, offsets, mask = job.outputs.tokens, job.outputs.offsets, job.outputs.loss_mask
     expected_size = record.get("tokens", -1) * job.dtype.itemsize
-    return offsets.is_file() and tokens.is_file() and tokens.stat().st_size == expected_size
+    if job.format == "text":
+        mask_whole = not mask.exists()
+    else:
+        mask_whole = mask.is_file() and mask.stat().st_size == record.get("tokens", -1)
+    return offsets.is_file() and tokens.is_file() and tokens.stat().st_size == expected_size and mask_whole
 
 
 # ---- one input file -----------------------------------------------------------------------------
@@ -130,22 +150,38 @@ def _remove_stale_temporaries(outputs: OutputFiles) -> None:
 
 def _write_outputs(job: FileJob, tokenizer: TextTokenizer, report: Report) -> FileResult:
     malformed = MalformedLog(job.strict)
-    source = TextSource(job.input, job.key["text_field"], malformed.add)
+    masked = job.format != "text"
+    if masked:
+        source = SupervisedSource(job.input, job.format, malformed.add)
+    else:
+        source = TextSource(job.input, job.key["text_field"], malformed.add)
+    eos, bos = job.key["eos_token_id"], job.key["bos_token_id"]
     lengths: list[np.ndarray] = []
     text_bytes = 0
 
-    def write_tokens(tmp: Path) -> None:
+    def encode(documents: list) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int]:
+        """(tokens, document lengths, loss mask or None, text bytes) of a batch of documents."""
+        if not masked:
+            tokens, doc_lengths = frame_documents(tokenizer.encode_batch(documents), eos, bos)
+            return tokens, doc_lengths, None, sum(len(t.encode("utf-8")) for t in documents)
+        ids, masks, eos_trained = encode_segments(tokenizer, documents)
+        tokens, doc_lengths = frame_documents(ids, eos, bos)
+        mask = frame_loss_mask(masks, eos_trained, has_bos=bos is not None)
+        return tokens, doc_lengths, mask, segment_text_bytes(documents)
+
+    def write_tokens(tmp: Path, mask_tmp: Path | None = None) -> None:
         nonlocal text_bytes
         read = 0
-        with open(tmp, "wb") as out:
-            for texts in _batches(source.documents()):
-                tokens, doc_lengths = frame_documents(
-                    tokenizer.encode_batch(texts), job.key["eos_token_id"], job.key["bos_token_id"]
-                )
+        mask_file = open(mask_tmp, "wb") if mask_tmp is not None else contextlib.nullcontext()
+        with open(tmp, "wb") as out, mask_file as mask_out:
+            for documents in _batches(source.documents()):
+                tokens, doc_lengths, mask, n_bytes = encode(documents)
                 out.write(to_token_dtype(tokens, job.dtype, job.input).tobytes())
+                if mask_out is not None:
+                    mask_out.write(mask.tobytes())
                 lengths.append(doc_lengths)
-                text_bytes += sum(len(t.encode("utf-8")) for t in texts)
-                report(len(texts), tokens.size, source.bytes_read - read)
+                text_bytes += n_bytes
+                report(len(documents), tokens.size, source.bytes_read - read)
                 read = source.bytes_read
         if not lengths:
             first = f", the first: {malformed.examples[0]}" if malformed.examples else ""
@@ -154,7 +190,11 @@ def _write_outputs(job: FileJob, tokenizer: TextTokenizer, report: Report) -> Fi
                 f"{malformed.count} malformed lines{first})"
             )
 
-    atomic_write(job.outputs.tokens, write_tokens)
+    if masked:  # the mask lands first; on any failure `prepare_file` removes every output
+        mask_path = job.outputs.loss_mask
+        atomic_write(job.outputs.tokens, lambda tmp: atomic_write(mask_path, lambda m: write_tokens(tmp, m)))
+    else:
+        atomic_write(job.outputs.tokens, write_tokens)
     all_lengths = np.concatenate(lengths)
     atomic_write_bytes(job.outputs.offsets, document_offsets_csv_gz(all_lengths))
     result = FileResult(

@@ -25,7 +25,7 @@ from olmo_fn.parallelize.parallel_config import (
 from olmo_fn.parallelize.pipeline_stages import rank_stages, stage_paths
 from olmo_fn.parallelize.placed_step import PipelineSpec, Sharding
 from olmo_fn.parallelize.plan import apply_plan, default_plan
-from olmo_fn.state.adamw import init_adamw_state
+from olmo_fn.state.optim import zeros_like_state
 from olmo_fn.state.train_state import TrainState
 
 
@@ -72,13 +72,13 @@ class World:
         return self.rank == 0
 
     def place(self, state: TrainState) -> TrainState:
-        """`state` with its parameters placed by the plan and zero moments placed like them; under
-        pipeline parallelism, only this rank's stages' parameters. Every process passes the same full
-        values (a deterministic init, or a template about to be loaded)."""
+        """`state` with its parameters placed by the plan and a zero optimizer state of its layout
+        placed like them; under pipeline parallelism, only this rank's stages' parameters. Every
+        process passes the same full values (a deterministic init, or a template about to be loaded)."""
         flat = flatten(state.params)
         held = unflatten({path: flat[path] for path in self.sharding.rules})
         params = apply_plan(held, self.sharding.plan, self.sharding.layout.mesh)
-        return dataclasses.replace(state, params=params, opt_state=init_adamw_state(params))
+        return dataclasses.replace(state, params=params, opt_state=zeros_like_state(state.opt_state, params))
 
     def broadcast(self, value: object) -> object:
         """Rank 0's `value` on every rank (a Python object, e.g. the default run directory)."""

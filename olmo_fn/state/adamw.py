@@ -7,50 +7,16 @@ parameter and moment buffers in place and returns them: callers treat the inputs
 
 from __future__ import annotations
 
-import dataclasses
 import fnmatch
-import math
-from typing import Literal
 
 import torch
 from tensordict import TensorDict
 
-from olmo_fn.errors import ConfigError
 from olmo_fn.graph.param_tree import flatten
+from olmo_fn.state.optim_config import OptimConfig
 
-
-@dataclasses.dataclass(frozen=True)
-class AdamWConfig:
-    """AdamW hyper-parameters."""
-
-    lr: float = 4e-3
-    """Peak learning rate (the schedule scales it)."""
-    beta1: float = 0.9
-    """Decay rate of the first moment (the gradient's running mean)."""
-    beta2: float = 0.95
-    """Decay rate of the second moment (the squared gradient's running mean)."""
-    eps: float = 1e-8
-    """Added to the root of the second moment in the denominator."""
-    weight_decay: float = 0.1
-    """Decoupled weight decay, applied as ``param *= 1 - lr * weight_decay``."""
-    no_decay: tuple[str, ...] = ("embeddings", "*norm")
-    """Glob patterns over dotted parameter paths that get no weight decay."""
-    implementation: Literal["foreach", "fused"] = "foreach"
-    """``foreach``: multi-tensor kernels; ``fused``: one fused AdamW kernel per group."""
-
-    def __post_init__(self) -> None:
-        problems = []
-        if not 0 <= self.lr < math.inf:
-            problems.append(f"optim.lr={self.lr!r} must be finite and >= 0")
-        for name in ("beta1", "beta2"):
-            if not 0 <= getattr(self, name) < 1:
-                problems.append(f"optim.{name}={getattr(self, name)!r} must be in [0, 1)")
-        if not 0 < self.eps < math.inf:
-            problems.append(f"optim.eps={self.eps!r} must be finite and > 0")
-        if not 0 <= self.weight_decay < math.inf:
-            problems.append(f"optim.weight_decay={self.weight_decay!r} must be finite and >= 0")
-        if problems:
-            raise ConfigError("invalid optimizer config: " + "; ".join(problems))
+AdamWConfig = OptimConfig
+"""The optimizer config by its former name (AdamW is the default optimizer)."""
 
 
 def init_adamw_state(params: TensorDict) -> TensorDict:
@@ -61,7 +27,7 @@ def init_adamw_state(params: TensorDict) -> TensorDict:
     return TensorDict({"exp_avg": zeros, "exp_avg_sq": zeros.clone()}, batch_size=[])
 
 
-def decays(path: str, cfg: AdamWConfig) -> bool:
+def decays(path: str, cfg: OptimConfig) -> bool:
     """Whether the parameter at dotted `path` gets weight decay."""
     return not any(fnmatch.fnmatchcase(path, pattern) for pattern in cfg.no_decay)
 
@@ -74,7 +40,7 @@ def adamw_update(
     *,
     step: int,
     lr: float,
-    cfg: AdamWConfig,
+    cfg: OptimConfig,
 ) -> tuple[TensorDict, TensorDict]:
     """Apply AdamW update number `step` (1-based, for bias correction) with learning rate `lr`.
 

@@ -45,6 +45,7 @@ from olmo_fn.io.atomic import write_json
 from olmo_fn.parallelize.dist import barrier, is_distributed, rank
 from olmo_fn.state.checksums import file_digests, verify_files
 from olmo_fn.state.dcp_reader import SafeFileSystemReader, read_safe_metadata, storage_files
+from olmo_fn.state.spikes import SpikeWindow
 from olmo_fn.state.train_state import TrainState, current_versions
 
 MANIFEST = "manifest.json"
@@ -109,6 +110,7 @@ def manifest_of(state: TrainState) -> dict[str, Any]:
         "step": state.step,
         "tokens_seen": state.tokens_seen,
         "data_cursor": state.data_cursor,
+        "spikes": state.spikes.to_json(),
         "config_fingerprint": state.config_fingerprint,
         "config": dict(state.config),
         "versions": current_versions(),
@@ -310,10 +312,21 @@ def load_checkpoint(
         step=manifest["step"],
         tokens_seen=manifest["tokens_seen"],
         data_cursor=manifest["data_cursor"],
+        spikes=_spike_window(manifest, directory),
         config=manifest["config"],
         config_fingerprint=manifest["config_fingerprint"],
         versions=manifest.get("versions", {}),
     )
+
+
+def _spike_window(manifest: dict[str, Any], directory: Path) -> SpikeWindow:
+    """The manifest's spike window (an empty one in checkpoints written before it was kept)."""
+    if "spikes" not in manifest:
+        return SpikeWindow()
+    try:
+        return SpikeWindow.from_json(manifest["spikes"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{directory / MANIFEST}: spikes is malformed ({exc})") from None
 
 
 def load_params(directory: str | os.PathLike, template_params: TensorDict) -> TensorDict:

@@ -12,7 +12,11 @@ from tensordict import TensorDict
 import olmo_fn
 from olmo_fn.graph.config import ModelConfig
 from olmo_fn.graph.init import empty_params, init_params
-from olmo_fn.state.adamw import init_adamw_state
+from olmo_fn.state.optim import init_opt_state
+from olmo_fn.state.optim_config import OptimConfig
+from olmo_fn.state.spikes import SpikeWindow
+
+ADAMW = OptimConfig()
 
 
 def current_versions() -> dict[str, str]:
@@ -24,11 +28,11 @@ def current_versions() -> dict[str, str]:
 class TrainState:
     """The state of a run after `step` optimizer updates.
 
-    params: fp32 master parameters (leaves require grad). opt_state: ``exp_avg`` and ``exp_avg_sq``
-    trees mirroring params. data_cursor: instances of the data order consumed so far (the next batch
-    starts there). config: the run's configuration as JSON-ready data, with its fingerprint over the
-    fields that change the training math. versions: the software that produced the state.
-    Randomness derives from ``(seed, step, rank)``, so no RNG state is kept.
+    params: fp32 master parameters (leaves require grad). opt_state: the optimizer's named trees
+    over the parameters' paths (`olmo_fn.state.optim`). data_cursor: instances of the data order
+    consumed so far (the next batch starts there). config: the run's configuration as JSON-ready
+    data, with its fingerprint over the fields that change the training math. versions: the
+    software that produced the state. Randomness derives from ``(seed, step, rank)``, so no RNG state is kept.
     """
 
     step: int
@@ -39,6 +43,8 @@ class TrainState:
     config: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     config_fingerprint: str = ""
     versions: Mapping[str, str] = dataclasses.field(default_factory=current_versions)
+    spikes: SpikeWindow = SpikeWindow()
+    """The recent losses and gradient norms spike detection compares a step with (`olmo_fn.state.spikes`)."""
 
 
 def init_train_state(
@@ -48,14 +54,15 @@ def init_train_state(
     device: torch.device | str,
     config: Mapping[str, Any] | None = None,
     config_fingerprint: str = "",
+    optim: OptimConfig = ADAMW,
 ) -> TrainState:
-    """Step 0: freshly initialised fp32 parameters and zero optimizer moments."""
+    """Step 0: freshly initialised fp32 parameters and `optim`'s zero state."""
     params = init_params(cfg, seed=seed, device=device, dtype=torch.float32)
     params.apply_(lambda t: t.requires_grad_(True))
     return TrainState(
         step=0,
         params=params,
-        opt_state=init_adamw_state(params),
+        opt_state=init_opt_state(params, optim),
         data_cursor=0,
         tokens_seen=0,
         config=dict(config or {}),
@@ -64,9 +71,14 @@ def init_train_state(
 
 
 def empty_train_state(
-    cfg: ModelConfig, *, device: torch.device | str, dtype: torch.dtype = torch.float32
+    cfg: ModelConfig,
+    *,
+    device: torch.device | str,
+    dtype: torch.dtype = torch.float32,
+    optim: OptimConfig = ADAMW,
 ) -> TrainState:
-    """A state with uninitialised buffers of the right shapes: the template a checkpoint loads into."""
+    """A state with uninitialised buffers of the right shapes (`optim`'s state layout): the template a
+    checkpoint loads into."""
     params = empty_params(cfg, device=device, dtype=dtype)
     params.apply_(lambda t: t.requires_grad_(True))
-    return TrainState(0, params, init_adamw_state(params), 0, 0)
+    return TrainState(0, params, init_opt_state(params, optim), 0, 0)

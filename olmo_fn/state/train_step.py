@@ -36,10 +36,12 @@ from olmo_fn.parallelize.placed_step import (
 )
 from olmo_fn.parallelize.tensor_parallel import tp_block_fn, tp_loss_sums
 from olmo_fn.runtime import LOSS_CHUNK_PIPELINE
-from olmo_fn.state.adamw import AdamWConfig, adamw_update
 from olmo_fn.state.clip import clip_by_global_norm
 from olmo_fn.state.gradients import GradientFn, Gradients
+from olmo_fn.state.optim import optimizer_update
+from olmo_fn.state.optim_config import OptimConfig
 from olmo_fn.state.schedule import ScheduleConfig, lr_at
+from olmo_fn.state.spikes import SpikeConfig, judge
 from olmo_fn.state.train_state import TrainState
 
 StepFn = Callable[[TrainState, Batch], tuple[TrainState, dict[str, torch.Tensor | float]]]
@@ -50,7 +52,7 @@ class StepSettings:
     """What a train step needs besides the state and the batch; fixed for a run."""
 
     model: ModelConfig
-    optim: AdamWConfig
+    optim: OptimConfig
     schedule: ScheduleConfig
     total_steps: int
     micro_batch_size: int
@@ -76,6 +78,8 @@ class StepSettings:
     (see olmo_fn.state.compiled_step); one process only."""
     fp8_emulate: bool = False
     """Emulate the float8 matmuls (float8 values, high-precision arithmetic): on CPU."""
+    spike: SpikeConfig = SpikeConfig()
+    """When a step's update is skipped as a spike (off by default)."""
 
 
 def execution_text(settings: StepSettings) -> str:
@@ -242,7 +246,7 @@ def make_gradient_fn(settings: StepSettings, sharding: Sharding | None = None) -
 
 def make_train_step(settings: StepSettings, sharding: Sharding | None = None) -> StepFn:
     """A `train_step(state, batch)` closed over fixed settings: `make_gradient_fn`'s gradients,
-    clipped by their global norm, applied by AdamW at the scheduled learning rate.
+    clipped by their global norm, applied by the optimizer at the scheduled learning rate.
 
     With a `sharding`, the state's parameters and moments are DTensors placed by its plan, `batch` is
     this rank's share of the global batch, and the step is collective (every rank calls it); the
@@ -274,32 +278,44 @@ def make_train_step(settings: StepSettings, sharding: Sharding | None = None) ->
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         result = gradient_fn(state.params, batch)
         paths, grads = list(result.grads), list(result.grads.values())
+        placed = grads  # DTensors under a sharding
         if sharding is None:
             grad_norm = clip_by_global_norm(grads, settings.max_grad_norm)
         else:  # the norm spans every rank's shards; the scaling is elementwise on the local ones
             norm = global_grad_norm(grads, sharding)
-            grads = [g.to_local() for g in grads]
+            grads = [g.to_local() for g in grads]  # the DTensors' own local tensors: clipped in place
             grad_norm = clip_by_global_norm(grads, settings.max_grad_norm, norm=norm)
         lr = lr_at(
             state.step, peak=settings.optim.lr, cfg=settings.schedule, total_steps=settings.total_steps
         )
-        with torch.no_grad():  # sharded: the update runs on each rank's local shards, in place
-            params = local_tree(state.params) if sharding else state.params
-            opt_state = local_tree(state.opt_state) if sharding else state.opt_state
-        adamw_update(
-            params,
-            dict(zip(paths, grads, strict=True)),
-            opt_state,
-            step=state.step + 1,
-            lr=lr,
-            cfg=settings.optim,
-        )
+        params, opt_state = state.params, state.opt_state
+        if sharding is not None and settings.optim.name == "muon":
+            # Muon orthogonalises whole matrices: it updates the placed (DTensor) trees, whose matmuls
+            # and norms span the shards with DTensor's collectives
+            grads = placed
+        elif sharding is not None:  # elementwise updates run on each rank's local shards, in place
+            with torch.no_grad():
+                params, opt_state = local_tree(params), local_tree(opt_state)
+        skip, spikes = False, state.spikes
+        if settings.spike.sigmas:  # a host sync: the decision is made before the update
+            loss = (result.ce_sum / result.n_targets).item()
+            skip, spikes = judge(spikes, loss, float(grad_norm), settings.spike)
+        if not skip:
+            optimizer_update(
+                params,
+                dict(zip(paths, grads, strict=True)),
+                opt_state,
+                step=state.step + 1,
+                lr=lr,
+                cfg=settings.optim,
+            )
         dp = sharding.layout.shape.dp if sharding else 1  # `batch` is this rank's 1/dp of the global batch
         new_state = dataclasses.replace(
             state,
             step=state.step + 1,
             data_cursor=state.data_cursor + batch.input_ids.shape[0] * dp,
             tokens_seen=state.tokens_seen + batch.n_tokens * dp,
+            spikes=spikes,
         )
         n_targets = result.n_targets
         metrics = {
@@ -311,6 +327,9 @@ def make_train_step(settings: StepSettings, sharding: Sharding | None = None) ->
             "lr": lr,
             "n_targets": n_targets,
         }
+        if settings.spike.sigmas:
+            metrics["skipped"] = int(skip)
+            metrics["skipped_steps"] = spikes.skipped
         return new_state, metrics
 
     return train_step

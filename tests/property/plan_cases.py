@@ -25,7 +25,8 @@ from olmo_fn.parallelize.parallel_config import MeshShape
 from olmo_fn.parallelize.placed_step import PipelineSpec, Sharding
 from olmo_fn.parallelize.plan import apply_plan, default_plan
 from olmo_fn.parallelize.world import rank_paths
-from olmo_fn.state.adamw import AdamWConfig, init_adamw_state
+from olmo_fn.state.adamw import AdamWConfig
+from olmo_fn.state.optim import init_opt_state
 from olmo_fn.state.pipeline_step import make_pipeline_gradient_fn
 from olmo_fn.state.schedule import ScheduleConfig
 from olmo_fn.state.train_state import TrainState
@@ -123,7 +124,7 @@ def initial_state(case: Case) -> TrainState:
     """float64 parameters with norm weights moved off 1 (so a misplaced norm shows), zero moments."""
     params = ref.perturbed_params(case.model, seed=case.seed % 1000)
     params = params.apply(lambda t: t.detach().requires_grad_(True))
-    return TrainState(0, params, init_adamw_state(params), 0, 0)
+    return TrainState(0, params, init_opt_state(params, case.settings.optim), 0, 0)
 
 
 def batch(case: Case, step: int) -> Batch:
@@ -302,7 +303,7 @@ def run_on_rank(rank: int, world: int, case: Case, sabotage: str | None = None) 
         sharding = Sharding.of(plan, layout, paths, case.pipeline)
         full = flatten(initial_state(case).params)
         params = apply_plan(unflatten({p: full[p] for p in paths}), sharding.plan, layout.mesh)
-        state = TrainState(0, params, init_adamw_state(params), 0, 0)
+        state = TrainState(0, params, init_opt_state(params, case.settings.optim), 0, 0)
         share = functools.partial(rows_of, index=layout.dp_rank, parts=case.shape.dp)
         gradient_fn = (
             make_pipeline_gradient_fn(case.settings, sharding)
