@@ -41,7 +41,15 @@ from olmo_fn.graph.param_tree import param_shapes
 from olmo_fn.graph.presets import PRESETS
 from olmo_fn.io.loader import DataConfig
 from olmo_fn.run_dir import inspect_run_dir
-from olmo_fn.scaling_law import ChinchillaFit, PowerLawFit, fit_chinchilla, fit_power_law, fit_table, plot_fit
+from olmo_fn.scaling_law import (
+    EXPONENT_RANGE,
+    ChinchillaFit,
+    PowerLawFit,
+    fit_chinchilla,
+    fit_power_law,
+    fit_table,
+    plot_fit,
+)
 from olmo_fn.state.schedule import ScheduleConfig
 
 BASE_PRESET = "olmo2-tiny"
@@ -302,6 +310,25 @@ def fit_ladder(cfg: LadderConfig, rungs: list[Rung], losses: list[float]) -> Pow
     return fit_chinchilla(n, [r.tokens for r, _ in kept], loss)
 
 
+def fit_warnings(fit: PowerLawFit | ChinchillaFit) -> list[str]:
+    """What makes a fit's extrapolation untrustworthy: an exponent at the edge of the searched range, or
+    a negative irreducible loss E (the losses fall faster than a power law over these sizes)."""
+    warnings = []
+    exponents = {"alpha": fit.alpha} | ({"beta": fit.beta} if isinstance(fit, ChinchillaFit) else {})
+    for name, value in exponents.items():
+        if min(abs(value / bound - 1) for bound in EXPONENT_RANGE) < 1e-3:
+            warnings.append(
+                f"warning: {name} = {value:.4g} is at the edge of the range searched {EXPONENT_RANGE}: "
+                "these losses do not follow a power law, so predictions from the fit are unreliable"
+            )
+    if fit.E < 0:
+        warnings.append(
+            f"warning: E = {fit.E:.4g} < 0: no loss can fall below 0, so the fit will not hold far out "
+            "(train longer rungs: more --tokens-per-param, or a smaller --global-batch-size for more steps)"
+        )
+    return warnings
+
+
 def rung_table(rungs: list[Rung], losses: list[float]) -> str:
     lines = [
         "| rung | d_model | layers | N (non-embedding) | D (tokens) | steps | final eval loss | |",
@@ -357,7 +384,7 @@ def run_ladder(cfg: LadderConfig, *, progress: bool = True) -> LadderResult:
     points = _points(fit, rungs, losses)
 
     fitted = sum(not r.held_out for r in rungs)
-    summary = [f"fit: {fit.formula()} over {fitted} rungs, rmse {fit.rmse:.4f}"]
+    summary = [f"fit: {fit.formula()} over {fitted} rungs, rmse {fit.rmse:.4f}", *fit_warnings(fit)]
     for (r, loss), error in zip(held, errors, strict=True):
         summary.append(
             f"held out {r.name} (N = {r.n:,}): loss {loss:.4f}, predicted {loss - error:.4f}, "

@@ -159,6 +159,7 @@ def test_a_ladder_on_an_exact_power_law_predicts_the_held_out_rung_and_the_targe
     monkeypatch.setattr(ladder_module, "train_rungs", lambda cfg, rungs, progress: law_losses(rungs))
     result = run_ladder(cfg, progress=False)
     assert abs(result.held_out_errors[0]) < 1e-6
+    assert "warning" not in result.report.read_text()
     assert result.target_prediction == pytest.approx(1.5 + 40.0 * naive_n(128, 2) ** -0.5, rel=1e-6)
     assert png_size(result.figure) == (700, 480)
 
@@ -173,6 +174,20 @@ def test_without_held_out_rung_or_target_every_rung_is_fitted_and_nothing_predic
     report = result.report.read_text()
     assert "held out" not in report and "(target)" not in report
     assert "run train" not in capsys.readouterr().out  # no target to train next
+
+
+def test_losses_falling_faster_than_a_power_law_are_flagged(tmp_path, monkeypatch, capsys):
+    """The default CPU ladder's measured losses: the drop steepens with size, which no E + A N^-alpha
+    with E >= 0 follows; the fit runs to alpha's lower bound and E < 0, and says so."""
+    cfg = dataclasses.replace(TINY, out=tmp_path / "out")
+    monkeypatch.setattr(
+        ladder_module, "train_rungs", lambda cfg, rungs, progress: [2.5414, 2.1973, 1.8219, 1.3438]
+    )
+    result = run_ladder(cfg, progress=False)
+    assert result.fit.E < 0
+    printed = capsys.readouterr().out
+    assert "warning: alpha = 0.01 is at the edge" in printed and "warning: E = " in printed
+    assert "warning: alpha" in result.report.read_text()
 
 
 def test_several_token_multiples_fit_loss_over_size_and_tokens(tmp_path, monkeypatch):
