@@ -12,7 +12,7 @@ import torch
 from olmo_fn.errors import ConfigError
 from olmo_fn.graph import ModelConfig, init_params
 from olmo_fn.io.instances import make_batch
-from olmo_fn.state.adamw import AdamWConfig
+from olmo_fn.state.optim_config import OptimConfig
 from olmo_fn.state.schedule import ScheduleConfig
 from olmo_fn.state.train_step import StepSettings, make_gradient_fn
 
@@ -25,7 +25,7 @@ EOS = 3
 def settings(**overrides) -> StepSettings:
     base = StepSettings(
         model=CFG,
-        optim=AdamWConfig(),
+        optim=OptimConfig(),
         schedule=ScheduleConfig(warmup_steps=1),
         total_steps=2,
         micro_batch_size=2,

@@ -14,7 +14,7 @@ from olmo_fn.graph.param_tree import flatten
 from olmo_fn.graph.presets import PRESETS
 from olmo_fn.io.instances import make_batch
 from olmo_fn.parallelize.compile import compile_block
-from olmo_fn.state.adamw import AdamWConfig
+from olmo_fn.state.optim_config import OptimConfig
 from olmo_fn.state.schedule import ScheduleConfig
 from olmo_fn.state.train_state import init_train_state
 from olmo_fn.state.train_step import StepSettings, make_train_step
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.compile
 
 def test_compiled_block_matches_eager(gen):
     cfg = dataclasses.replace(PRESETS["olmo2-tiny"], n_layers=2)
-    base = StepSettings(cfg, AdamWConfig(), ScheduleConfig(warmup_steps=1), total_steps=3, micro_batch_size=2)
+    base = StepSettings(cfg, OptimConfig(), ScheduleConfig(warmup_steps=1), total_steps=3, micro_batch_size=2)
     tokens = torch.randint(0, 258, (4, 64), generator=gen)
     tokens[:, 20] = 256  # a document boundary, so the document mask is exercised
     batch = make_batch(tokens, eos=256)

@@ -16,14 +16,14 @@ from olmo_fn.errors import ConfigError
 from olmo_fn.graph.presets import PRESETS
 from olmo_fn.io.loader import DataConfig
 from olmo_fn.run import main, parse
-from olmo_fn.state.adamw import AdamWConfig
+from olmo_fn.state.optim_config import OptimConfig
 from olmo_fn.state.schedule import ScheduleConfig
 
 CUSTOM = TrainConfig(
     preset="olmo2-14m",
     model=dataclasses.replace(PRESETS["olmo2-14m"], n_layers=2, qk_norm=False, rope_theta=10_000.0),
     data=DataConfig(paths=("a/*.npy", "b.npy"), dtype="uint32", eos_token_id=100_257, seq_len=64),
-    optim=AdamWConfig(lr=1e-3, no_decay=("embeddings",), implementation="fused"),
+    optim=OptimConfig(lr=1e-3, no_decay=("embeddings",), implementation="fused"),
     schedule=ScheduleConfig(warmup_steps=3, decay="linear", min_lr_ratio=0.0),
     steps=7,
     global_batch_size=8,

@@ -17,7 +17,7 @@ from olmo_fn.graph import init_params, logits
 from olmo_fn.io.byte_tokenizer import BYTE_EOS
 from olmo_fn.io.loader import DataConfig
 from olmo_fn.io.metrics_log import read_metrics
-from olmo_fn.state.adamw import AdamWConfig
+from olmo_fn.state.optim_config import OptimConfig
 from olmo_fn.state.schedule import ScheduleConfig
 from olmo_fn.state.train_step import StepSettings
 from olmo_fn.train import train
@@ -31,7 +31,7 @@ def test_eval_loss_and_bits_per_byte_match_a_direct_computation():
     eval_data = open_eval_data(EvalConfig(max_instances=10, batch_size=4), data, cfg.model.vocab_size)
     assert [b.input_ids.shape[0] for b in eval_data.batches] == [4, 3, 3]
     params = init_params(cfg.model, seed=1)
-    settings = StepSettings(cfg.model, AdamWConfig(), ScheduleConfig(), 1, 4)
+    settings = StepSettings(cfg.model, OptimConfig(), ScheduleConfig(), 1, 4)
     got = evaluate(params, eval_data, settings, torch.device("cpu"))
     ce, n, n_bytes = 0.0, 0, 0
     for b in eval_data.batches:

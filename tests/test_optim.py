@@ -11,8 +11,9 @@ import torch
 from olmo_fn.errors import ConfigError
 from olmo_fn.graph import ModelConfig, init_params
 from olmo_fn.graph.param_tree import flatten
-from olmo_fn.state.adamw import AdamWConfig, adamw_update, decays, init_adamw_state
+from olmo_fn.state.adamw import adamw_update, decays, init_adamw_state
 from olmo_fn.state.clip import clip_by_global_norm
+from olmo_fn.state.optim_config import OptimConfig
 from olmo_fn.state.schedule import ScheduleConfig, lr_at
 
 CFG = ModelConfig(d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, mlp_hidden=24, vocab_size=30)
@@ -20,7 +21,7 @@ CFG = ModelConfig(d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, mlp_hidden=24
 
 @pytest.mark.parametrize("implementation", ["foreach", "fused"])
 def test_adamw_matches_torch_optim_step_for_step(implementation, gen):
-    opt_cfg = AdamWConfig(
+    opt_cfg = OptimConfig(
         lr=1e-2, beta1=0.8, beta2=0.9, eps=1e-7, weight_decay=0.3, implementation=implementation
     )
     params = init_params(CFG, seed=0)
@@ -51,7 +52,7 @@ def test_adamw_matches_torch_optim_step_for_step(implementation, gen):
 
 
 def test_no_decay_patterns():
-    cfg = AdamWConfig()
+    cfg = OptimConfig()
     assert not decays("embeddings", cfg)
     assert not decays("blocks.3.attention_norm", cfg)
     assert not decays("blocks.3.attention.q_norm", cfg)
@@ -62,9 +63,9 @@ def test_no_decay_patterns():
 
 def test_adamw_config_rejects_bad_values():
     with pytest.raises(ConfigError, match="optim.beta2=1.0"):
-        AdamWConfig(beta2=1.0)
+        OptimConfig(beta2=1.0)
     with pytest.raises(ConfigError, match="optim.lr"):
-        AdamWConfig(lr=-1.0)
+        OptimConfig(lr=-1.0)
 
 
 def naive_lr(step, peak, warmup, total, decay, ratio):

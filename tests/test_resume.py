@@ -15,9 +15,9 @@ from olmo_fn.config import TrainConfig
 from olmo_fn.errors import CheckpointError, ConfigError
 from olmo_fn.graph.param_tree import flatten
 from olmo_fn.io.metrics_log import read_metrics
-from olmo_fn.state.adamw import AdamWConfig
 from olmo_fn.state.checkpoint import list_checkpoints, load_checkpoint, load_params
 from olmo_fn.state.checkpoint_writer import CheckpointConfig
+from olmo_fn.state.optim_config import OptimConfig
 from olmo_fn.state.schedule import ScheduleConfig, lr_at
 from olmo_fn.state.train_state import empty_train_state
 from olmo_fn.train import train
@@ -153,7 +153,7 @@ def test_math_changing_config_is_refused_then_allowed(reference, tmp_path, monke
     interrupted_run(monkeypatch, cfg, 9)
     before = snapshot(tmp_path / "run")
     annealed = dataclasses.replace(
-        cfg, steps=16, optim=AdamWConfig(lr=1e-3), schedule=ScheduleConfig(warmup_steps=0, decay="linear")
+        cfg, steps=16, optim=OptimConfig(lr=1e-3), schedule=ScheduleConfig(warmup_steps=0, decay="linear")
     )
     with pytest.raises(ConfigError) as info:
         train(annealed, progress=False)

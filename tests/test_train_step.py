@@ -10,7 +10,8 @@ import torch
 from olmo_fn.graph import ModelConfig, init_params, loss_sums
 from olmo_fn.graph.param_tree import flatten
 from olmo_fn.io.instances import make_batch
-from olmo_fn.state.adamw import AdamWConfig, decays, init_adamw_state
+from olmo_fn.state.adamw import decays, init_adamw_state
+from olmo_fn.state.optim_config import OptimConfig
 from olmo_fn.state.schedule import ScheduleConfig, lr_at
 from olmo_fn.state.train_state import TrainState, init_train_state
 from olmo_fn.state.train_step import StepSettings, make_train_step
@@ -26,7 +27,7 @@ EOS = 3
 def settings(**overrides):
     base = StepSettings(
         model=CFG,
-        optim=AdamWConfig(lr=1e-2, weight_decay=0.1),
+        optim=OptimConfig(lr=1e-2, weight_decay=0.1),
         schedule=ScheduleConfig(warmup_steps=2),
         total_steps=6,
         micro_batch_size=4,

@@ -15,15 +15,15 @@ from tensordict import TensorDict
 from olmo_fn.graph.param_tree import flatten
 from olmo_fn.state.optim_config import OptimConfig
 
-AdamWConfig = OptimConfig
-"""The optimizer config by its former name (AdamW is the default optimizer)."""
+
+def zero_moment(t: torch.Tensor) -> torch.Tensor:
+    """A zero optimizer buffer shaped and placed like parameter `t`, in at least fp32."""
+    return torch.zeros_like(t, dtype=torch.promote_types(t.dtype, torch.float32), requires_grad=False)
 
 
 def init_adamw_state(params: TensorDict) -> TensorDict:
     """Zero first and second moments, shaped and placed like the parameters, in at least fp32."""
-    zeros = params.apply(
-        lambda t: torch.zeros_like(t, dtype=torch.promote_types(t.dtype, torch.float32), requires_grad=False)
-    )
+    zeros = params.apply(zero_moment)
     return TensorDict({"exp_avg": zeros, "exp_avg_sq": zeros.clone()}, batch_size=[])
 
 

@@ -37,7 +37,7 @@ def step_compile_problems(settings: Any, sharded: bool) -> list[str]:
         )
     if settings.fp8 != "none":
         problems.append("compile=step with fp8 is not supported yet (use compile=on)")
-    if getattr(settings, "spike", None) is not None and settings.spike.sigmas:
+    if settings.spike.sigmas:
         problems.append("compile=step cannot skip spiking steps (spike.sigmas > 0): use compile=on")
     if settings.optim.name != "adamw":
         problems.append(f"compile=step traces AdamW only; optim.name={settings.optim.name} needs compile=on")

@@ -23,14 +23,12 @@ from tensordict import TensorDict
 
 from olmo_fn.errors import ConfigError
 from olmo_fn.graph.param_tree import flatten
+from olmo_fn.state.adamw import zero_moment
 
 
 def init_lion_state(params: TensorDict) -> TensorDict:
     """``{"exp_avg": zeros}`` shaped and placed like the parameters, in at least fp32."""
-    zeros = params.apply(
-        lambda t: torch.zeros_like(t, dtype=torch.promote_types(t.dtype, torch.float32), requires_grad=False)
-    )
-    return TensorDict({"exp_avg": zeros}, batch_size=[])
+    return TensorDict({"exp_avg": params.apply(zero_moment)}, batch_size=[])
 
 
 @torch.no_grad()

@@ -43,6 +43,7 @@ from tensordict import TensorDict
 from olmo_fn.errors import ConfigError
 from olmo_fn.graph.param_tree import flatten, unflatten
 from olmo_fn.state.adamw import _foreach as _adamw_foreach
+from olmo_fn.state.adamw import zero_moment
 from olmo_fn.state.optim_config import OptimConfig
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -106,8 +107,7 @@ def init_muon_state(params: TensorDict) -> TensorDict:
     muon: dict[str, torch.Tensor] = {}
     adamw: dict[str, torch.Tensor] = {}
     for path, t in flatten(params).items():
-        zeros = torch.zeros_like(t, dtype=torch.promote_types(t.dtype, torch.float32), requires_grad=False)
-        (muon if is_muon_matrix(path, t) else adamw)[path] = zeros
+        (muon if is_muon_matrix(path, t) else adamw)[path] = zero_moment(t)
     return TensorDict(
         {
             "momentum": unflatten(muon),

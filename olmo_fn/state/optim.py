@@ -3,8 +3,7 @@
 Each optimizer's state is a TensorDict of named subtrees over the parameters' dotted paths (AdamW:
 ``exp_avg``, ``exp_avg_sq`` over every leaf; Lion: ``exp_avg``; Muon: ``momentum`` over the blocks'
 matrices, ``exp_avg`` and ``exp_avg_sq`` over the other leaves), so it is sharded, checkpointed and
-resharded like the parameters. `state_layout` names what a checkpoint holds, so a resume can tell
-whether its optimizer state fits the optimizer asked for.
+resharded like the parameters. A checkpoint's config names the optimizer whose state it holds.
 """
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ import torch
 from tensordict import TensorDict
 
 from olmo_fn.graph.param_tree import flatten, unflatten
-from olmo_fn.state.adamw import adamw_update, decays, init_adamw_state
+from olmo_fn.state.adamw import adamw_update, decays, init_adamw_state, zero_moment
 from olmo_fn.state.lion import init_lion_state, lion_update
 from olmo_fn.state.muon import init_muon_state, muon_update
 from olmo_fn.state.optim_config import OptimConfig
@@ -28,23 +27,13 @@ def init_opt_state(params: TensorDict, cfg: OptimConfig) -> TensorDict:
     return init_adamw_state(params)
 
 
-def state_layout(opt_state: TensorDict) -> dict[str, int]:
-    """What an optimizer state holds: its subtrees and their number of leaves."""
-    return {name: len(flatten(opt_state[name])) for name in opt_state.keys()}  # noqa: SIM118
-
-
 def zeros_like_state(opt_state: TensorDict, params: TensorDict) -> TensorDict:
     """A zero state with `opt_state`'s layout, for `params` (placed like them): each subtree covers
     the same paths it covers in `opt_state`, restricted to those `params` holds."""
     flat = flatten(params)
-
-    def zeros(path: str) -> torch.Tensor:
-        t = flat[path]
-        return torch.zeros_like(t, dtype=torch.promote_types(t.dtype, torch.float32), requires_grad=False)
-
     return TensorDict(
         {
-            name: unflatten({p: zeros(p) for p in flatten(opt_state[name]) if p in flat})
+            name: unflatten({p: zero_moment(flat[p]) for p in flatten(opt_state[name]) if p in flat})
             for name in opt_state.keys()  # noqa: SIM118 (a TensorDict iterates only through keys())
         },
         batch_size=[],

@@ -25,8 +25,8 @@ from olmo_fn.parallelize.parallel_config import MeshShape
 from olmo_fn.parallelize.placed_step import PipelineSpec, Sharding
 from olmo_fn.parallelize.plan import apply_plan, default_plan
 from olmo_fn.parallelize.world import rank_paths
-from olmo_fn.state.adamw import AdamWConfig
 from olmo_fn.state.optim import init_opt_state
+from olmo_fn.state.optim_config import OptimConfig
 from olmo_fn.state.pipeline_step import make_pipeline_gradient_fn
 from olmo_fn.state.schedule import ScheduleConfig
 from olmo_fn.state.train_state import TrainState
@@ -105,7 +105,7 @@ def cases(draw, world: int, shapes: list[MeshShape] | None = None) -> Case:
     )
     settings = StepSettings(
         model,
-        AdamWConfig(lr=draw(st.sampled_from([1e-3, 3e-2]))),
+        OptimConfig(lr=draw(st.sampled_from([1e-3, 3e-2]))),
         ScheduleConfig(warmup_steps=1),
         total_steps=STEPS,
         micro_batch_size=micro,

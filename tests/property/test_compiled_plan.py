@@ -15,7 +15,8 @@ from olmo_fn.io.instances import make_batch
 from olmo_fn.parallelize.parallel_config import MeshShape
 from olmo_fn.parallelize.placed_step import Sharding, gathering_block, model_view
 from olmo_fn.parallelize.plan import apply_plan, default_plan
-from olmo_fn.state.adamw import AdamWConfig, init_adamw_state
+from olmo_fn.state.adamw import init_adamw_state
+from olmo_fn.state.optim_config import OptimConfig
 from olmo_fn.state.schedule import ScheduleConfig
 from olmo_fn.state.train_state import TrainState, init_train_state
 from olmo_fn.state.train_step import StepSettings, make_train_step
@@ -71,7 +72,7 @@ def collectives_in_compiled_graphs(rank: int, world: int) -> dict[str, list[str]
 
 def losses(rank: int, world: int, compiled: bool) -> list[float]:
     settings = StepSettings(
-        MODEL, AdamWConfig(lr=1e-2), ScheduleConfig(warmup_steps=1), 3, 2, compile=compiled
+        MODEL, OptimConfig(lr=1e-2), ScheduleConfig(warmup_steps=1), 3, 2, compile=compiled
     )
     state, sharding = _placed(rank)
     step_fn, out = make_train_step(settings, sharding), []

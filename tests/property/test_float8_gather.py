@@ -21,7 +21,8 @@ from olmo_fn.graph.param_tree import flatten, unflatten
 from olmo_fn.parallelize.parallel_config import MeshShape
 from olmo_fn.parallelize.placed_step import Sharding
 from olmo_fn.parallelize.plan import apply_plan, default_plan
-from olmo_fn.state.adamw import AdamWConfig, init_adamw_state
+from olmo_fn.state.adamw import init_adamw_state
+from olmo_fn.state.optim_config import OptimConfig
 from olmo_fn.state.schedule import ScheduleConfig
 from olmo_fn.state.train_state import TrainState
 from olmo_fn.state.train_step import StepSettings, make_gradient_fn, make_train_step
@@ -37,7 +38,7 @@ MODEL = ModelConfig(d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, mlp_hidden=
 def _case(shape: MeshShape, recipe: str = "tensorwise") -> Case:
     settings = StepSettings(
         MODEL,
-        AdamWConfig(lr=1e-2),
+        OptimConfig(lr=1e-2),
         ScheduleConfig(warmup_steps=1),
         STEPS,
         2,

@@ -46,13 +46,13 @@ def _fixed_case(
     import numpy as np
     import torch
 
-    from olmo_fn.state.adamw import AdamWConfig
+    from olmo_fn.state.optim_config import OptimConfig
     from olmo_fn.state.schedule import ScheduleConfig
     from olmo_fn.state.train_step import StepSettings
 
     model = ModelConfig(d_model=8, n_layers=n_layers, n_heads=2, n_kv_heads=2, mlp_hidden=4, vocab_size=12)
     settings_ = StepSettings(
-        model, AdamWConfig(lr=1e-2), ScheduleConfig(warmup_steps=1), STEPS, 2, torch.float64
+        model, OptimConfig(lr=1e-2), ScheduleConfig(warmup_steps=1), STEPS, 2, torch.float64
     )
     settings_ = dataclasses.replace(settings_, loss_chunk_tokens=loss_chunk_tokens)
     gen = np.random.default_rng(0)
