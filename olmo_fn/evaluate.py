@@ -74,7 +74,7 @@ def open_eval_data(cfg: EvalConfig, data: DataConfig, vocab_size: int) -> EvalDa
     chunks = ChunkedTokens.open(paths, token_file_dtype(data, vocab_size), data.seq_len)
     indices = np.arange(min(cfg.max_instances, len(chunks)))
     batches = tuple(
-        make_batch(chunks.tokens(part, vocab_size), eos)
+        make_batch(chunks.tokens(part, vocab_size), eos, chunks.loss_masks(part))
         for part in np.array_split(indices, math.ceil(len(indices) / cfg.batch_size))
     )
     return EvalData(cfg.name, batches, bytes_per_token(data.tokenizer, vocab_size))

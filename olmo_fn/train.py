@@ -342,6 +342,7 @@ def _train(
         progress=progress,
         extra=observers,
     )
+    evaluating = eval_data is not None or loop_tasks is not None
     if profiler is not None:
         step_fn = profiler.wrap(step_fn)
     with (
@@ -381,7 +382,6 @@ def _train(
                 "tokens_seen": state.tokens_seen,
             }
             row["data_wait_s"] = batches.wait_s - waited
-            evaluating = eval_data is not None or loop_tasks is not None
             if evaluating and (state.step % cfg.eval.interval == 0 or state.step == cfg.steps):
                 started = time.perf_counter()
                 if eval_data is not None:

@@ -184,11 +184,15 @@ class Flaky(Observer):
 
     def __init__(self):
         self.calls = 0
+        self.closed = False
 
     def on_step(self, view, metrics):
         self.calls += 1
         if metrics["step"] == 2:
             raise RuntimeError("lost the connection\nsecond line of the message")
+
+    def on_end(self, summary):
+        self.closed = True
 
 
 def test_a_failing_observer_is_reported_once_and_disabled_and_the_run_goes_on(tmp_path, capsys):
@@ -202,6 +206,7 @@ def test_a_failing_observer_is_reported_once_and_disabled_and_the_run_goes_on(tm
     ]
     assert "second line" not in err
     assert flaky.calls == 2  # never called again after failing
+    assert flaky.closed  # ... but still told the run ended, to close what it opened
     rows = read_metrics(run_dir / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, 7))
     assert [e[1] for e in after.events if e[0] == "step"] == list(range(1, 7))  # the others go on

@@ -305,6 +305,18 @@ def test_chunked_labels_are_ignored_exactly_where_the_target_is_a_prompt_token(s
     assert torch.equal(batch.labels, rows_expected_chunked(batch, [(tokens, flags)], 16))
 
 
+def test_held_out_evaluation_counts_only_the_targets_training_counts(sft_file):
+    """An eval file with a loss mask is scored on its completion targets, as training scores them."""
+    from olmo_fn.evaluate import EvalConfig, open_eval_data
+
+    tokens, flags = concatenated(expected_prompt_completion(RECORDS))
+    data = DataConfig(paths=(str(sft_file),), eos_token_id=BYTE_EOS, seq_len=16)
+    eval_data = open_eval_data(EvalConfig(paths=(str(sft_file),), batch_size=3), data, 384)
+    assert eval_data.batches and any((b.labels == -100).any() for b in eval_data.batches)
+    for batch in eval_data.batches:
+        assert torch.equal(batch.labels, rows_expected_chunked(batch, [(tokens, flags)], 16))
+
+
 def test_token_files_without_a_mask_train_on_every_target_as_before(sft_file, tmp_path):
     plain = tmp_path / "plain.npy"
     plain.write_bytes(sft_file.read_bytes())

@@ -36,19 +36,23 @@ def build_observers(
     rank gets the profiler when ``profile.steps`` is set (its trace files carry the rank under torchrun).
     The profiler is also returned so that the caller can wrap its train step with it."""
     observers: list[object] = []
-    if coordinator:
-        observers.append(MetricsJsonlObserver(run_dir / METRICS_FILE))
-        if progress:
-            observers.append(ConsoleObserver(total_steps, start_step=start_step))
-        if log.wandb:
-            from olmo_fn.callbacks.wandb_logger import WandbObserver
+    try:
+        if coordinator:
+            observers.append(MetricsJsonlObserver(run_dir / METRICS_FILE))
+            if progress:
+                observers.append(ConsoleObserver(total_steps, start_step=start_step))
+            if log.wandb:
+                from olmo_fn.callbacks.wandb_logger import WandbObserver
 
-            observers.append(WandbObserver(log, run_dir, config))
-        if log.tensorboard:
-            from olmo_fn.callbacks.tensorboard_logger import TensorBoardObserver
+                observers.append(WandbObserver(log, run_dir, config))
+            if log.tensorboard:
+                from olmo_fn.callbacks.tensorboard_logger import TensorBoardObserver
 
-            observers.append(TensorBoardObserver(run_dir, start_step=start_step))
-        observers.extend(extra)
+                observers.append(TensorBoardObserver(run_dir, start_step=start_step))
+            observers.extend(extra)
+    except BaseException as exc:  # close what was opened before the one that could not start
+        ObserverGroup(observers, run_dir).end(exc)
+        raise
     profiler = None
     if profile.range is not None:
         first, last = profile.range

@@ -75,7 +75,6 @@ class ObserverGroup:
             "finished": error is None,
             "error": None if error is None else one_line(error),
             "elapsed_s": time.perf_counter() - self._t0,
-            "metrics": self._last,
         }
         failure: ObserverError | None = None
         for observer in self.observers:
@@ -87,10 +86,13 @@ class ObserverGroup:
             raise failure
 
     def _call(self, observer: object, hook: str, args: tuple, step: int | None) -> None:
-        if id(observer) in self.disabled:
-            return
         method = getattr(observer, hook, None)
         if method is None:
+            return
+        if id(observer) in self.disabled:
+            if hook == "on_end":  # still let it close what it opened; its failure was reported once
+                with contextlib.suppress(Exception):
+                    method(*args)
             return
         try:
             method(*args)
