@@ -22,7 +22,6 @@ from olmo_fn.evaluate import EvalConfig
 from olmo_fn.graph.config import ModelConfig, matrix_dims
 from olmo_fn.graph.model import AttentionBackend
 from olmo_fn.graph.presets import PRESETS
-from olmo_fn.init_from import init_from_problems
 from olmo_fn.io.loader import DataConfig
 from olmo_fn.parallelize.activation_checkpoint import ActivationCheckpointing, checkpointing_problems
 from olmo_fn.parallelize.fp8 import Fp8Recipe, fp8_problems
@@ -108,7 +107,11 @@ class TrainConfig:
     takes; --model.* flags may change fields that keep the shapes. Not read when the run resumes."""
 
     def __post_init__(self) -> None:
-        problems = init_from_problems(self.init_from)
+        problems = []
+        if self.init_from is not None and not self.init_from.strip():
+            problems.append(
+                "init_from='' must name a run directory, checkpoint, export or Hugging Face model directory"
+            )
         for name in ("steps", "global_batch_size"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)} must be >= 1")

@@ -30,7 +30,7 @@ from olmo_fn.downstream.scoring import Encode, question_rows, split_tokens
 from olmo_fn.errors import ConfigError
 from olmo_fn.generate import TextCodec, byte_codec, tokenizer_json_codec
 from olmo_fn.graph.config import ModelConfig
-from olmo_fn.io.byte_tokenizer import BYTE_EOS
+from olmo_fn.io.model_source import tokenizer_of
 
 DEFAULT_TASKS = ("builtin:next-line",)
 """What ``eval.downstream=None`` means for a run on the embedded corpus."""
@@ -80,8 +80,7 @@ def open_loop_tasks(cfg: TrainConfig) -> LoopTasks | None:
     n = cfg.eval.downstream_questions
     loaded = load_tasks(specs, max_questions=n, builtin_questions=n, seed=QUESTION_SEED)
     codec = run_codec(cfg)
-    embedded = not (cfg.data.paths or cfg.data.sources)
-    eos = BYTE_EOS if embedded else cfg.data.eos_token_id
+    _, eos = tokenizer_of(cfg)
     start_token, max_length = start_token_for(codec.encode, eos), cfg.data.seq_len
     tasks = {}
     for spec, (name, questions) in zip(specs, loaded.items(), strict=True):

@@ -6,9 +6,6 @@ the source names one) from it before any ``--model.*`` flag applies, so flags ca
 that keep every parameter's shape (e.g. ``--model.rope-theta``); a change of shape is refused by
 `state_from_source`, naming the field and both values. Only a new run reads the source: a run that has
 checkpoints resumes from them and never looks at it again.
-
-`olmo_fn.config` imports this module for the field's check, so the parts that import `olmo_fn.config`
-themselves (reading a checkpoint's config, loading the weights) are imported inside the functions.
 """
 
 from __future__ import annotations
@@ -20,93 +17,22 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import torch
 
+from olmo_fn.config import TrainConfig
 from olmo_fn.errors import CheckpointError, ConfigError
 from olmo_fn.graph.config import ModelConfig
 from olmo_fn.graph.param_tree import flatten, param_shapes, unflatten
-from olmo_fn.io.hf_checkpoint import is_hf_dir, read_hf_config
-from olmo_fn.io.hf_mapping import model_config_from_hf
-from olmo_fn.io.paths import contained_path
-from olmo_fn.run_dir import run_tokenizer
-from olmo_fn.state.checkpoint import read_manifest, resolve_checkpoint
+from olmo_fn.io.model_source import describe_model, load_model
 from olmo_fn.state.optim import init_opt_state
 from olmo_fn.state.train_state import TrainState
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-    from olmo_fn.config import TrainConfig
     from olmo_fn.io.loader import DataConfig
 
 TOKENIZER_FIELDS = ("model", "added_tokens", "normalizer", "pre_tokenizer")
 """The parts of a tokenizer.json that decide which ids a text becomes: two files that agree on them
 tokenize alike, whatever else (padding, truncation, formatting) differs."""
-
-
-@dataclasses.dataclass(frozen=True)
-class SourceInfo:
-    """What a source says about the run it starts, read without its weights."""
-
-    model: ModelConfig
-    tokenizer: str | None
-    """"bytes", a tokenizer.json path, or None when the source names none."""
-    eos_token_id: int | None = None
-    """The end-of-document id the source was trained with, when it names one id in its vocabulary."""
-
-
-def init_from_problems(init_from: str | None) -> list[str]:
-    """Why `init_from` (TrainConfig.init_from) cannot name a source, as config problems. Whether the
-    source exists is checked only when a new run starts: a run resumes without it."""
-    if init_from is not None and not init_from.strip():
-        return ["init_from='' must name a run directory, checkpoint, export or Hugging Face model directory"]
-    return []
-
-
-def source_info(path: str | Path) -> SourceInfo:
-    """The model config and tokenizer of the source at `path` (the kinds `load_model` reads), from its
-    config files only."""
-    from olmo_fn.config import TrainConfig, config_from_dict
-    from olmo_fn.io.model_source import tokenizer_of
-
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"init_from={path}: no such run directory, checkpoint, export or model")
-    if is_hf_dir(path):
-        config = read_hf_config(path)
-        model, _ = model_config_from_hf(config, where=str(path / "config.json"))
-        tokenizer = path / "tokenizer.json"
-        eos = _eos_in(config.get("eos_token_id"), model)
-        return SourceInfo(model, str(tokenizer) if tokenizer.is_file() else None, eos)
-    if (path / "model.safetensors").is_file() and (path / "config.json").is_file():
-        where = path / "config.json"
-        info = _json_object(where)
-        model = config_from_dict(ModelConfig, info.get("model"), where=f"{where}: model")
-        tokenizer = info.get("tokenizer")
-        if tokenizer not in (None, "bytes"):  # copied in: a name inside the export
-            tokenizer = str(contained_path(path, tokenizer, f"{where}: tokenizer", follow_links=True))
-        return SourceInfo(model, tokenizer, _eos_in(info.get("eos_token_id"), model))
-    checkpoint = resolve_checkpoint(path)
-    manifest = read_manifest(checkpoint)
-    train_cfg = config_from_dict(
-        TrainConfig, manifest["config"], where=f"{checkpoint / 'manifest.json'}: config"
-    )
-    tokenizer, eos = tokenizer_of(train_cfg)
-    return SourceInfo(train_cfg.model, run_tokenizer(checkpoint, tokenizer), _eos_in(eos, train_cfg.model))
-
-
-def _eos_in(eos: object, model: ModelConfig) -> int | None:
-    """`eos` when it is one id inside `model`'s vocabulary, else None (absent, a list, out of range)."""
-    valid = isinstance(eos, int) and not isinstance(eos, bool) and 0 <= eos < model.vocab_size
-    return eos if valid else None
-
-
-def _json_object(path: Path) -> dict[str, Any]:
-    try:
-        data = orjson.loads(path.read_bytes())
-    except orjson.JSONDecodeError as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return data
 
 
 def with_init_source(cfg: TrainConfig, path: str, *, preset: str | None = None) -> TrainConfig:
@@ -118,13 +44,15 @@ def with_init_source(cfg: TrainConfig, path: str, *, preset: str | None = None) 
             f"--preset {preset} and --init-from {path} both choose the model; drop --preset "
             "(with --init-from the architecture is the source's; --model.* flags may change single fields)"
         )
-    info = source_info(path)
+    if not Path(path).exists():
+        raise CheckpointError(f"init_from={path}: no such run directory, checkpoint, export or model")
+    info = describe_model(path)
     data = cfg.data
     if info.tokenizer is not None and data.tokenizer == "bytes":
         data = dataclasses.replace(data, tokenizer=info.tokenizer)
     if info.eos_token_id is not None and data.eos_token_id is None:
         data = dataclasses.replace(data, eos_token_id=info.eos_token_id)
-    return dataclasses.replace(cfg, model=info.model, data=data, init_from=str(path))
+    return dataclasses.replace(cfg, model=info.cfg, data=data, init_from=str(path))
 
 
 def recorded_init_from(cfg: TrainConfig, resumed_config: Mapping[str, Any] | None) -> TrainConfig:
@@ -218,7 +146,6 @@ def state_from_source(
     Raises a ConfigError before anything is written when ``cfg.model`` gives a parameter another shape
     than the source's, or when the data's tokenizer is not the source's.
     """
-    from olmo_fn.io.model_source import load_model
 
     if cfg.init_from is None:
         raise ConfigError("state_from_source needs init_from: the source to start from")
