@@ -18,3 +18,9 @@ class DataError(OlmoFnError):
 
 class CheckpointError(OlmoFnError):
     """A checkpoint that cannot be written or read back as asked."""
+
+
+def one_line(exc: BaseException) -> str:
+    """``Type: first line of the message`` of `exc`, for an error reported in one line."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__

@@ -26,7 +26,7 @@ from pathlib import Path
 import tyro
 
 from olmo_fn.config import TrainConfig, config_from_json
-from olmo_fn.errors import ConfigError, OlmoFnError
+from olmo_fn.errors import ConfigError, OlmoFnError, one_line
 from olmo_fn.graph.flops import count_params
 from olmo_fn.graph.presets import get_preset
 from olmo_fn.init_from import with_init_source
@@ -64,7 +64,7 @@ def load_recipe(path: str | Path, kind: type = TrainConfig) -> RecipeConfig:
     except OlmoFnError as exc:
         raise ConfigError(f"{path}: {exc}") from exc
     except Exception as exc:
-        raise ConfigError(f"{path}: importing it failed: {_one_line(exc)}") from exc
+        raise ConfigError(f"{path}: importing it failed: {one_line(exc)}") from exc
     build = getattr(module, RECIPE_FUNCTION, None)
     if not callable(build):
         raise ConfigError(
@@ -76,18 +76,13 @@ def load_recipe(path: str | Path, kind: type = TrainConfig) -> RecipeConfig:
     except OlmoFnError as exc:
         raise ConfigError(f"{path}: {exc}") from exc
     except Exception as exc:
-        raise ConfigError(f"{path}: {RECIPE_FUNCTION}() failed: {_one_line(exc)}") from exc
+        raise ConfigError(f"{path}: {RECIPE_FUNCTION}() failed: {one_line(exc)}") from exc
     if not isinstance(cfg, kind):
         hint = f"; run it on its own: python {path}" if isinstance(cfg, RecipeConfig) else ""
         raise ConfigError(
             f"{path}: {RECIPE_FUNCTION}() returned {type(cfg).__name__}, not a {kind.__name__}{hint}"
         )
     return cfg
-
-
-def _one_line(exc: BaseException) -> str:
-    first = str(exc).strip().splitlines()[:1]
-    return f"{type(exc).__name__}: {first[0]}" if first else type(exc).__name__
 
 
 def describe_run(cfg: TrainConfig) -> str:
@@ -147,20 +142,32 @@ def _short(n: int) -> str:
     return str(n)
 
 
-def _option(args: list[str], name: str, *, remove: bool) -> str | None:
-    """The value of the last ``name VALUE`` / ``name=VALUE`` in `args` (None if absent); with
-    `remove`, every occurrence is taken out of `args`."""
+def take_option(args: list[str], name: str) -> str | None:
+    """Remove ``name VALUE`` or ``name=VALUE`` from `args` (last one wins) and return VALUE."""
     value = None
-    for i in reversed(range(len(args))):
-        if args[i] == name and i + 1 < len(args):
-            value = value or args[i + 1]
-            if remove:
-                del args[i : i + 2]
+    i = 0
+    while i < len(args):
+        if args[i] == name:
+            if i + 1 >= len(args):
+                raise ConfigError(f"{name} needs a value")
+            value = args[i + 1]
+            del args[i : i + 2]
         elif args[i].startswith(name + "="):
-            value = value or args[i].split("=", 1)[1]
-            if remove:
-                del args[i]
+            value = args[i].split("=", 1)[1]
+            del args[i]
+        else:
+            i += 1
     return value
+
+
+def with_model_flags(cfg: TrainConfig, preset: str | None, init_from: str | None) -> TrainConfig:
+    """`cfg` after ``--preset`` (the whole model) and then ``--init-from`` (the source's model and
+    tokenizer), which apply before tyro's ``--model.*`` flags change single fields."""
+    if preset is not None:
+        cfg = dataclasses.replace(cfg, preset=preset, model=get_preset(preset))
+    if init_from is not None:
+        cfg = with_init_source(cfg, init_from, preset=preset)
+    return cfg
 
 
 def parse_recipe_args(
@@ -171,12 +178,8 @@ def parse_recipe_args(
     model (and tokenizer), and ``--model.*`` flags then change single fields."""
     args = list(args)
     if isinstance(default, TrainConfig):
-        preset = _option(args, "--preset", remove=True)
-        if preset is not None:
-            default = dataclasses.replace(default, preset=preset, model=get_preset(preset))
-        init_from = _option(args, "--init-from", remove=False)
-        if init_from is not None:
-            default = with_init_source(default, init_from, preset=preset)
+        preset = take_option(args, "--preset")
+        default = with_model_flags(default, preset, take_option(list(args), "--init-from"))
     return tyro.cli(type(default), default=default, args=args, prog=prog, description=description)
 
 
@@ -186,7 +189,7 @@ def recipe_main(config: Callable[[], RecipeConfig], argv: Sequence[str] | None =
     ladder (a LadderConfig). Errors of the library's families print as one line (``--debug`` shows the
     traceback); returns the exit status."""
     from olmo_fn.parallelize.mesh import launched_world
-    from olmo_fn.run import _discard_stdout, run
+    from olmo_fn.run import discard_stdout, run
 
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
@@ -212,7 +215,7 @@ def recipe_main(config: Callable[[], RecipeConfig], argv: Sequence[str] | None =
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # the reader went away (`... --help | head`): stop quietly
-        _discard_stdout()
+        discard_stdout()
         return 141
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -40,13 +40,12 @@ from olmo_fn.downstream import DownstreamEvalConfig, run_downstream_eval
 from olmo_fn.errors import ConfigError, OlmoFnError
 from olmo_fn.generate import GenerateConfig, run_generate
 from olmo_fn.graph.presets import get_preset
-from olmo_fn.init_from import with_init_source
 from olmo_fn.io.prepare_data import PrepareDataConfig, run_prepare_data
 from olmo_fn.ladder import LadderConfig, run_ladder
 from olmo_fn.parallelize.mesh import launched_world
 from olmo_fn.plan_report import PlanCommand, format_report, plan_report
 from olmo_fn.plot import PlotConfig, run_plot
-from olmo_fn.recipe import config_from_file
+from olmo_fn.recipe import config_from_file, take_option, with_model_flags
 
 PROG = "python -m olmo_fn.run"
 DESCRIPTION = (
@@ -69,24 +68,6 @@ ALIASES = {
 """Other spellings of options, per command: the name a user may know from the other command."""
 
 
-def _take_option(args: list[str], name: str) -> str | None:
-    """Remove ``name VALUE`` or ``name=VALUE`` from `args` (last one wins) and return VALUE."""
-    value = None
-    i = 0
-    while i < len(args):
-        if args[i] == name:
-            if i + 1 >= len(args):
-                raise ConfigError(f"{name} needs a value")
-            value = args[i + 1]
-            del args[i : i + 2]
-        elif args[i].startswith(name + "="):
-            value = args[i].split("=", 1)[1]
-            del args[i]
-        else:
-            i += 1
-    return value
-
-
 def _defaults(command: str | None, args: list[str]) -> dict[str, object]:
     """Default config of each command, after ``--config`` and ``--preset`` in `args` (which are consumed).
 
@@ -94,9 +75,9 @@ def _defaults(command: str | None, args: list[str]) -> dict[str, object]:
     re-running it resumes as configured; flags then change single fields (and are checked on resume).
     """
     train, bench = TrainConfig(), BenchConfig()
-    config_path = _take_option(args, "--config")
-    preset = _take_option(args, "--preset")
-    run_dir = _take_option(list(args), "--run-dir")  # only looked at, left for tyro
+    config_path = take_option(args, "--config")
+    preset = take_option(args, "--preset")
+    run_dir = take_option(list(args), "--run-dir")  # only looked at, left for tyro
     if config_path is None and command == "train" and run_dir and (Path(run_dir) / "config.json").is_file():
         config_path = str(Path(run_dir) / "config.json")
     if config_path is not None:
@@ -107,14 +88,12 @@ def _defaults(command: str | None, args: list[str]) -> dict[str, object]:
             config_from_file(config_path), run_dir=None, resume=False, allow_config_change=False
         )
     if preset is not None:
-        model = get_preset(preset)
-        train = dataclasses.replace(train, preset=preset, model=model)
-        bench = dataclasses.replace(bench, preset=preset, model=model)
-    init_from = _take_option(list(args), "--init-from")  # only looked at, left for tyro
+        bench = dataclasses.replace(bench, preset=preset, model=get_preset(preset))
+    init_from = take_option(list(args), "--init-from")  # only looked at, left for tyro
     own_config = run_dir is not None and config_path == str(Path(run_dir) / "config.json")
-    if init_from is not None and command in ("train", "plan") and not own_config:
-        # The source decides the model before --model.* flags apply (a run's own config already holds it).
-        train = with_init_source(train, init_from, preset=preset)
+    if command not in ("train", "plan") or own_config:  # a run's own config already holds the source's model
+        init_from = None
+    train = with_model_flags(train, preset, init_from)
     plan = PlanCommand(**{f.name: getattr(train, f.name) for f in dataclasses.fields(TrainConfig)})
     return {"train": train, "bench": bench, "plan": plan}
 
@@ -267,7 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _print_error(str(exc))
         return 2
     except BrokenPipeError:  # the reader went away (`... | head -1`): stop quietly, as `cat` would
-        _discard_stdout()
+        discard_stdout()
         return 141
     except OSError as exc:  # the machine said no: a full disk, a read-only directory, a missing file
         if debug:
@@ -305,7 +284,7 @@ def _os_error(exc: OSError) -> str:
     return f"{' -> '.join(map(str, names))}: {reason}" if names else reason
 
 
-def _discard_stdout() -> None:
+def discard_stdout() -> None:
     """Point stdout at /dev/null, so the interpreter's final flush does not fail again."""
     devnull = os.open(os.devnull, os.O_WRONLY)
     try:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from olmo_fn.callbacks.observer import StateView, eval_entries
-from olmo_fn.errors import OlmoFnError
+from olmo_fn.errors import OlmoFnError, one_line
 
 
 class ObserverError(OlmoFnError, RuntimeError):
@@ -27,11 +27,6 @@ class ObserverError(OlmoFnError, RuntimeError):
 
 def observer_name(observer: object) -> str:
     return getattr(observer, "name", "") or type(observer).__name__
-
-
-def one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 class ObserverGroup:

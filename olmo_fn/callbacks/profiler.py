@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from olmo_fn.callbacks.group import one_line
 from olmo_fn.callbacks.observer import Observer
+from olmo_fn.errors import one_line
 from olmo_fn.state.train_step import StepFn
 
 PROFILE_DIR = "profile"
