@@ -11,7 +11,7 @@ import torch
 from olmo_fn.errors import DataError
 from olmo_fn.graph.loss import IGNORE_INDEX
 from olmo_fn.io.batch import Batch
-from olmo_fn.io.loss_mask import open_loss_mask, read_mask
+from olmo_fn.io.loss_mask import open_loss_masks, read_mask
 from olmo_fn.io.token_file import check_token_range, open_token_file
 
 
@@ -44,8 +44,7 @@ class ChunkedTokens:
                 f"{longest} tokens, fewer than one instance of data.seq_len={seq_len}"
             )
         starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        masks = tuple(open_loss_mask(p, len(a)) for p, a in zip(paths, arrays, strict=True))
-        return cls(tuple(paths), arrays, seq_len, starts, masks if any(m is not None for m in masks) else ())
+        return cls(tuple(paths), arrays, seq_len, starts, open_loss_masks(paths, arrays))
 
     def __len__(self) -> int:
         return int(self.starts[-1])

@@ -16,7 +16,6 @@ import numpy as np
 
 from olmo_fn.errors import DataError
 from olmo_fn.graph.loss import IGNORE_INDEX
-from olmo_fn.io.atomic import atomic_write
 
 LOSS_MASK_SUFFIX = ".loss_mask"
 
@@ -46,10 +45,10 @@ def open_loss_mask(token_file: str | os.PathLike, n_tokens: int) -> np.memmap | 
     return np.memmap(path, dtype=np.uint8, mode="r")
 
 
-def write_loss_mask(path: str | os.PathLike, mask: np.ndarray) -> Path:
-    """Write a 0/1 mask as a loss-mask sidecar (one byte per token), atomically."""
-    data = np.ascontiguousarray(mask, dtype=np.uint8).tobytes()
-    return atomic_write(Path(path), lambda tmp: tmp.write_bytes(data))
+def open_loss_masks(paths, arrays) -> tuple[np.memmap | None, ...]:
+    """`open_loss_mask` of each token file (paired with its array), or () when none has a mask."""
+    masks = tuple(open_loss_mask(p, len(a)) for p, a in zip(paths, arrays, strict=True))
+    return masks if any(m is not None for m in masks) else ()
 
 
 def read_mask(mask: np.ndarray | None, start: int, length: int, path: Path) -> np.ndarray | None:

@@ -17,7 +17,7 @@ import numpy as np
 
 from olmo_fn.errors import DataError
 from olmo_fn.graph.loss import IGNORE_INDEX
-from olmo_fn.io.loss_mask import mask_targets, open_loss_mask, read_mask
+from olmo_fn.io.loss_mask import mask_targets, open_loss_masks, read_mask
 from olmo_fn.io.token_file import check_token_range, open_token_file
 
 
@@ -101,9 +101,7 @@ class PackedDocuments:
         order = np.lexsort((spans_all[:, 0], files, bins))  # by bin, then file order inside a bin
         segments = np.column_stack([files, spans_all])[order]
         bounds = np.searchsorted(bins[order], np.arange(bins.max() + 2))
-        masks = tuple(open_loss_mask(p, len(a)) for p, a in zip(paths, arrays, strict=True))
-        masks = masks if any(m is not None for m in masks) else ()
-        return cls(tuple(paths), arrays, seq_len, eos, pad, segments, bounds, masks)
+        return cls(tuple(paths), arrays, seq_len, eos, pad, segments, bounds, open_loss_masks(paths, arrays))
 
     def __len__(self) -> int:
         return len(self.bounds) - 1
@@ -121,10 +119,9 @@ class PackedDocuments:
                 piece = self.arrays[f][start : start + length]
                 check_token_range(piece, vocab_size, self.paths[f], start)
                 tokens[row, at : at + length] = piece
-                labels[row, at : at + length - 1] = piece[1:]
                 mask = read_mask(self.masks[f], start, length, self.paths[f]) if self.masks else None
-                if mask is not None:
-                    labels[row, at : at + length - 1] = mask_targets(piece[1:], mask[1:])
+                targets = piece[1:] if mask is None else mask_targets(piece[1:], mask[1:])
+                labels[row, at : at + length - 1] = targets
                 doc_ids[row, at : at + length] = doc
                 at += length
             doc_ids[row, at:] = len(segments)  # padding: its own document
