@@ -31,8 +31,6 @@ import sys
 import time
 from pathlib import Path
 
-import orjson
-
 from olmo_fn.config import TrainConfig, config_from_dict, config_to_dict, math_differences
 from olmo_fn.errors import ConfigError
 from olmo_fn.evaluate import EvalConfig
@@ -40,6 +38,7 @@ from olmo_fn.graph.config import ModelConfig
 from olmo_fn.graph.param_tree import param_shapes
 from olmo_fn.graph.presets import PRESETS
 from olmo_fn.io.loader import DataConfig
+from olmo_fn.io.metrics_log import readable_records
 from olmo_fn.run_dir import inspect_run_dir
 from olmo_fn.scaling_law import (
     EXPONENT_RANGE,
@@ -215,12 +214,9 @@ def final_loss(run_dir: Path, steps: int) -> float:
     """The eval loss a finished rung logged at its last step."""
     path = run_dir / "metrics.jsonl"
     loss = None
-    if path.is_file():
-        for line in path.read_bytes().splitlines():
-            with contextlib.suppress(orjson.JSONDecodeError):
-                row = orjson.loads(line)
-                if isinstance(row, dict) and row.get("step") == steps and LOSS_KEY in row:
-                    loss = float(row[LOSS_KEY])
+    for row in readable_records(path):
+        if row.get("step") == steps and LOSS_KEY in row:
+            loss = float(row[LOSS_KEY])
     if loss is None:
         raise ConfigError(f"{path}: no {LOSS_KEY} at step {steps}; remove {run_dir} to train that rung again")
     return loss

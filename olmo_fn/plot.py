@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import orjson
 import tyro
 
 from olmo_fn.errors import ConfigError
 from olmo_fn.io.atomic import atomic_write
+from olmo_fn.io.metrics_log import readable_records
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -83,14 +83,7 @@ def load_run(run: Path) -> list[dict[str, Any]]:
     path = metrics_path(Path(run))
     if not path.is_file():
         raise ConfigError(f"plot: {path}: no such metrics file (runs takes run directories or metrics.jsonl)")
-    by_step: dict[int, dict[str, Any]] = {}
-    for line in path.read_bytes().splitlines():
-        try:
-            record = orjson.loads(line)
-        except orjson.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and type(record.get("step")) is int:
-            by_step[record["step"]] = record
+    by_step = {r["step"]: r for r in readable_records(path) if type(r.get("step")) is int}
     if not by_step:
         raise ConfigError(f"plot: {path}: no metrics records in it")
     return [by_step[step] for step in sorted(by_step)]

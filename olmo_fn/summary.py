@@ -5,20 +5,14 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
-import orjson
+from olmo_fn.io.metrics_log import readable_records
 
 
 def _last_rows(metrics: Path) -> tuple[dict | None, dict | None]:
     """(last step record, last record with an evaluation) of a metrics.jsonl (torn lines skipped)."""
     last = last_eval = None
-    if not metrics.is_file():
-        return None, None
-    for line in metrics.read_bytes().splitlines():
-        try:
-            row = orjson.loads(line)
-        except orjson.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and "step" in row:
+    for row in readable_records(metrics):
+        if "step" in row:
             last = row
             if any(k.startswith("eval/") for k in row):
                 last_eval = row

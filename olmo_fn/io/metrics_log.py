@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,21 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
     """All records of a metrics.jsonl file."""
     with open(path, "rb") as f:
         return [orjson.loads(line) for line in f if line.strip()]
+
+
+def readable_records(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl that parse as JSON objects, in order: a torn line (a crash
+    mid-write) or anything else is skipped. A missing file has none."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_bytes().splitlines():
+        with contextlib.suppress(orjson.JSONDecodeError):
+            record = orjson.loads(line)
+            if isinstance(record, dict):
+                records.append(record)
+    return records
 
 
 def truncate_metrics(path: str | os.PathLike, last_step: int) -> int:
