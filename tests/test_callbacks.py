@@ -12,35 +12,16 @@ import torch
 
 import olmo_fn.io.metrics_log as metrics_log_module
 from olmo_fn.callbacks import LogConfig, Observer, ObserverError, ProfileConfig, memory_metrics, state_view
-from olmo_fn.config import TrainConfig, config_fingerprint, math_differences
+from olmo_fn.config import config_fingerprint, math_differences
 from olmo_fn.errors import ConfigError
-from olmo_fn.evaluate import EvalConfig
 from olmo_fn.graph.param_tree import flatten
 from olmo_fn.io.metrics_log import read_metrics
 from olmo_fn.run import parse
 from olmo_fn.state.checkpoint import load_checkpoint, read_manifest
 from olmo_fn.state.checkpoint_writer import CheckpointConfig
-from olmo_fn.state.schedule import ScheduleConfig
 from olmo_fn.state.train_state import empty_train_state, init_train_state
-from olmo_fn.train import train
 
-_BASE = TrainConfig()
-TINY = dataclasses.replace(
-    _BASE,
-    model=dataclasses.replace(_BASE.model, d_model=64, n_layers=2, n_heads=2, n_kv_heads=2, mlp_hidden=128),
-    data=dataclasses.replace(_BASE.data, seq_len=64),
-    steps=6,
-    global_batch_size=4,
-    schedule=ScheduleConfig(warmup_steps=2),
-    checkpoint=CheckpointConfig(interval=3),
-    eval=EvalConfig(interval=3, max_instances=4, downstream=()),
-    threads=1,  # the same thread count in every run, so equal runs are bit for bit equal
-)
-
-
-def run(tmp_path: Path, name: str, observers=(), **fields) -> Path:
-    cfg = dataclasses.replace(TINY, run_dir=str(tmp_path / name), **fields)
-    return train(cfg, progress=False, observers=observers)
+from tiny_run import TINY, run
 
 
 def final_state(run_dir: Path):

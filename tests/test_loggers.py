@@ -13,34 +13,13 @@ import torch
 
 import olmo_fn.train as train_module
 from olmo_fn.callbacks import LogConfig, ProfileConfig
-from olmo_fn.config import TrainConfig
-from olmo_fn.evaluate import EvalConfig
 from olmo_fn.io.metrics_log import read_metrics
-from olmo_fn.state.checkpoint_writer import CheckpointConfig
-from olmo_fn.state.schedule import ScheduleConfig
-from olmo_fn.train import train
 
 from faults import stop_after_step
+from tiny_run import TINY, run
 
 pytest.importorskip("wandb")
 pytest.importorskip("tensorboard")
-
-_BASE = TrainConfig()
-TINY = dataclasses.replace(
-    _BASE,
-    model=dataclasses.replace(_BASE.model, d_model=64, n_layers=2, n_heads=2, n_kv_heads=2, mlp_hidden=128),
-    data=dataclasses.replace(_BASE.data, seq_len=64),
-    steps=6,
-    global_batch_size=4,
-    schedule=ScheduleConfig(warmup_steps=2),
-    checkpoint=CheckpointConfig(interval=3),
-    eval=EvalConfig(interval=3, max_instances=4, downstream=()),
-    threads=1,
-)
-
-
-def run(tmp_path: Path, name: str, **fields) -> Path:
-    return train(dataclasses.replace(TINY, run_dir=str(tmp_path / name), **fields), progress=False)
 
 
 def interrupted_then_resumed(tmp_path: Path, monkeypatch, **fields) -> Path:
