@@ -433,3 +433,28 @@ def test_run_downstream_eval_scores_an_exported_model(tmp_path):
     lines = out.getvalue().splitlines()
     assert [line.split(":")[0] for line in lines] == ["downstream/mine", "downstream/next-line"]
     assert lines[0].endswith("(5 questions)")
+
+
+def test_a_merge_across_the_context_choice_boundary_goes_to_the_choice_and_a_bos_is_added_once():
+    """With a tokenizer that merges " c" into one token and starts every text with a BOS, the choice's
+    tokens are the tail of ``encode(context + choice)`` (the merged token included), and the context
+    keeps its one BOS; encoding the choice alone would give other tokens."""
+    bos, merged = 900, 901
+
+    def encode(text: str) -> list[int]:
+        ids, i = [bos], 0
+        while i < len(text):
+            if text[i : i + 2] == " c":
+                ids.append(merged)
+                i += 2
+            else:
+                ids.append(ord(text[i]))
+                i += 1
+        return ids
+
+    context, choice = "a b ", "cat"  # the context's last space merges with the choice's "c"
+    context_ids, choice_ids = scoring_module.split_tokens(encode, context, choice)
+    assert context_ids == [bos, ord("a"), ord(" "), ord("b")]
+    assert choice_ids == [merged, ord("a"), ord("t")]
+    assert context_ids + choice_ids == encode(context + choice)
+    assert choice_ids != encode(choice)  # the choice on its own: a BOS, and no merge
