@@ -221,3 +221,22 @@ def test_the_profiler_traces_exactly_the_asked_steps_and_changes_nothing(tmp_pat
     assert table.startswith("olmo_fn profile of steps 2-3") and "Self CPU" in table and "aten::" in table
     losses = [[r["loss"] for r in read_metrics(d / "metrics.jsonl")] for d in (plain, run_dir)]
     assert losses[0] == losses[1]
+
+
+def test_a_profiler_that_cannot_write_its_trace_is_reported_once_and_training_goes_on(
+    tmp_path, monkeypatch, capsys
+):
+    """The profiler's promise: failing to write is one stderr line, and the run finishes as without it."""
+    import torch.profiler
+
+    def cannot_write(self, path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch.profiler.profile, "export_chrome_trace", cannot_write)
+    checkpoint = dataclasses.replace(TINY.checkpoint, interval=0)
+    plain = run(tmp_path, "plain", steps=4, checkpoint=checkpoint)
+    run_dir = run(tmp_path, "run", steps=4, checkpoint=checkpoint, profile=ProfileConfig("2:3"))
+    lines = [line for line in capsys.readouterr().err.splitlines() if "profiler" in line]
+    assert len(lines) == 1 and "No space left on device" in lines[0] and "training goes on" in lines[0]
+    losses = [[r["loss"] for r in read_metrics(d / "metrics.jsonl")] for d in (plain, run_dir)]
+    assert losses[0] == losses[1] and len(losses[0]) == 4
