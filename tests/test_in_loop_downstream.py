@@ -305,3 +305,11 @@ def test_under_fsdp_every_rank_scores_the_gathered_model(tmp_path, isolated_cach
     loop = open_loop_tasks(cfg)
     expected = downstream_metrics(params, loop, cfg.model, torch.device("cpu"))
     assert {k: v for k, v in row.items() if k.startswith("downstream/")} == expected
+
+
+def test_the_flag_with_no_task_turns_downstream_off_on_the_command_line():
+    from olmo_fn.in_loop_downstream import downstream_specs
+    from olmo_fn.run import parse
+
+    assert downstream_specs(parse(["train"])) == ("builtin:next-line",)
+    assert downstream_specs(parse(["train", "--eval.downstream"])) == ()
