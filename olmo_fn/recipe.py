@@ -10,6 +10,10 @@ so that ``python experiments/olmo2_1b.py --help`` lists every option with the re
 defaults, and ``python experiments/olmo2_1b.py --steps 10`` trains with one of them changed. The same
 file is a template for the library's command line: ``python -m olmo_fn.run train --config
 experiments/olmo2_1b.py`` starts from ``config()``, and flags override it (TrainConfig recipes).
+
+Recipes are self-contained on purpose: each writes out every number it takes from a published run
+(optimizer, schedule, batch, clipping, ...) next to its source, so a reader can check and copy one
+file; the tests check each against its own published table rather than sharing a helper.
 """
 
 from __future__ import annotations
@@ -202,7 +206,8 @@ def recipe_main(config: Callable[[], RecipeConfig], argv: Sequence[str] | None =
         default = config()
         if not isinstance(default, RecipeConfig):
             raise ConfigError(
-                f"{prog}: {RECIPE_FUNCTION}() returned {type(default).__name__}, not a TrainConfig"
+                f"{prog}: {RECIPE_FUNCTION}() returned {type(default).__name__}, "
+                "not a TrainConfig or LadderConfig"
             )
         cfg = parse_recipe_args(default, args, prog=prog, description=description)
         if launched_world()[0] == 0:
