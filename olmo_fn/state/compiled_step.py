@@ -37,7 +37,8 @@ def step_compile_problems(settings: Any, sharded: bool) -> list[str]:
         )
     if settings.fp8 != "none":
         problems.append("compile=step with fp8 is not supported yet (use compile=on)")
-    if settings.spike.sigmas:
+    spike = getattr(settings, "spike", None)  # bench settings have no spike skipping
+    if spike is not None and spike.sigmas:
         problems.append("compile=step cannot skip spiking steps (spike.sigmas > 0): use compile=on")
     if settings.optim.name != "adamw":
         problems.append(f"compile=step traces AdamW only; optim.name={settings.optim.name} needs compile=on")
