@@ -17,7 +17,7 @@ import torch.distributed as dist
 from olmo_fn.config import DEFAULT_PRESET, PresetName
 from olmo_fn.errors import ConfigError
 from olmo_fn.graph.config import ModelConfig, matrix_dims
-from olmo_fn.graph.flops import count_params, flops_per_token
+from olmo_fn.graph.flops import active_params, count_params, flops_per_token
 from olmo_fn.graph.model import AttentionBackend
 from olmo_fn.graph.presets import PRESETS
 from olmo_fn.io.batch import Batch
@@ -38,6 +38,7 @@ from olmo_fn.runtime import (
 from olmo_fn.state.checkpoint import latest_checkpoint, load_checkpoint
 from olmo_fn.state.checkpoint_writer import CheckpointConfig, CheckpointWriter
 from olmo_fn.state.compiled_step import step_compile_problems
+from olmo_fn.state.moe_terms import moe_run_problems
 from olmo_fn.state.optim_config import OptimConfig
 from olmo_fn.state.schedule import ScheduleConfig
 from olmo_fn.state.train_state import empty_train_state, init_train_state
@@ -117,6 +118,9 @@ class BenchConfig:
             self.ac, self.ac_budget, self.parallel.pp_schedule if self.parallel.pp > 1 else None
         )
         problems += fp8_problems(self.fp8, matrix_dims(self.model))
+        problems += moe_run_problems(
+            self.model, self.parallel, compile_step=self.compile == "step", fp8=self.fp8
+        )
         if self.compile == "step":
             problems += step_compile_problems(self, sharded=self.parallel.splits_work)
         if problems:
@@ -125,6 +129,19 @@ class BenchConfig:
             raise ConfigError(f"bench.loss_chunk_tokens={self.loss_chunk_tokens} must be >= 0 (0: never)")
         if not 0 < self.warmup < self.steps:
             raise ConfigError(f"bench.warmup={self.warmup} must be between 1 and steps-1={self.steps - 1}")
+
+
+def _moe_figures(model: ModelConfig, metrics: dict[str, Any]) -> dict[str, Any]:
+    """An MoE model's routing and the last step's expert load ({} for a dense model)."""
+    if not model.moe.enabled:
+        return {}
+    return {
+        "n_experts": model.moe.n_experts,
+        "top_k": model.moe.top_k,
+        "experts_impl": model.moe.implementation,
+        "load_max": round(float(metrics["moe/load_max"]), 4),
+        "load_min": round(float(metrics["moe/load_min"]), 4),
+    }
 
 
 def _peak_flops(cfg: BenchConfig, device: torch.device, dtype: torch.dtype) -> float | None:
@@ -315,6 +332,8 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     return {
         "preset": cfg.preset,
         "params": count_params(cfg.model),
+        "active_params": active_params(cfg.model),
+        **_moe_figures(cfg.model, metrics),
         "seq_len": cfg.seq_len,
         "micro_batch_size": cfg.micro_batch_size,
         "grad_accum": cfg.grad_accum,

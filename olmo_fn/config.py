@@ -29,6 +29,7 @@ from olmo_fn.parallelize.parallel_config import ParallelConfig
 from olmo_fn.runtime import LOSS_CHUNK_PIPELINE
 from olmo_fn.state.checkpoint_writer import CheckpointConfig
 from olmo_fn.state.compiled_step import step_compile_problems
+from olmo_fn.state.moe_terms import moe_run_problems
 from olmo_fn.state.optim_config import OptimConfig
 from olmo_fn.state.schedule import ScheduleConfig
 from olmo_fn.state.spikes import SpikeConfig
@@ -125,6 +126,9 @@ class TrainConfig:
         pp_schedule = self.parallel.pp_schedule if self.parallel.pp > 1 else None
         problems += checkpointing_problems(self.ac, self.ac_budget, pp_schedule)
         problems += fp8_problems(self.fp8, matrix_dims(self.model))
+        problems += moe_run_problems(
+            self.model, self.parallel, compile_step=self.compile == "step", fp8=self.fp8
+        )
         if self.compile == "step":
             problems += step_compile_problems(self, sharded=self.parallel.splits_work)
         if self.loss_chunk_tokens is not None and self.loss_chunk_tokens < 0:

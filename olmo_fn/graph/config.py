@@ -1,4 +1,4 @@
-"""`ModelConfig`: the frozen description of a decoder (OLMo 2, OLMo 3, Llama-style)."""
+"""`ModelConfig`: the frozen description of a decoder (OLMo 2, OLMo 3, Llama-style, OLMoE)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import math
 from typing import Literal
 
 from olmo_fn.errors import ConfigError
+from olmo_fn.graph.moe_config import MoeConfig, moe_config_problems
 from olmo_fn.graph.rope import RopeScaling, rope_scaling_problems
 
 
@@ -52,6 +53,8 @@ class ModelConfig:
     """With a window pattern, the last layer always attends fully (OLMo 3)."""
     tie_embeddings: bool = False
     """The LM head's output matrix is the embedding matrix (no separate lm_head.w_out), as in Llama 3.2 1B."""
+    moe: MoeConfig = MoeConfig()
+    """Mixture of experts in the feed-forward of some or all layers (OLMoE); off by default."""
 
     def __post_init__(self) -> None:
         problems = validate_model_config(self)
@@ -104,6 +107,7 @@ def validate_model_config(cfg: ModelConfig) -> list[str]:
         problems += rope_scaling_problems(cfg.rope_scaling)
     else:
         problems.append(f"model.rope_scaling={cfg.rope_scaling!r} must be a RopeScaling")
+    problems += moe_config_problems(cfg.moe)
     bad_windows = [w for w in cfg.window_pattern if not isinstance(w, int) or isinstance(w, bool) or w < 0]
     if bad_windows:
         problems.append(f"model.window_pattern={cfg.window_pattern!r} must hold integers >= 0 (0 = full)")

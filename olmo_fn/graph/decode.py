@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from olmo_fn.graph.attention import attend, project_out, project_qkv
-from olmo_fn.graph.block import block_for
+from olmo_fn.graph.block import block_for, block_output
 from olmo_fn.graph.config import ModelConfig
 from olmo_fn.graph.model import head_params, lm_head
 from olmo_fn.graph.rope import rope_tables
@@ -150,7 +150,9 @@ def cached_hidden_states(
         attention_fn = functools.partial(
             cached_attention, keys=cache.keys[layer], values=cache.values[layer], start=start
         )
-        x = block_fn(params["blocks"][str(layer)], x, rope, masks[windows[layer]], cfg, attention_fn)
+        x, _ = block_output(
+            block_fn(params["blocks"][str(layer)], x, rope, masks[windows[layer]], cfg, attention_fn)
+        )
     return x, dataclasses.replace(cache, length=start + n)
 
 

@@ -17,9 +17,25 @@ def count_params(cfg: ModelConfig, *, embeddings: bool = True) -> int:
 
 def matmul_params(cfg: ModelConfig) -> int:
     """Parameters that take part in a matmul for every token: every matrix but the embedding table
-    (which counts once when it is also the LM head's output matrix)."""
+    (which counts once when it is also the LM head's output matrix); of an MoE layer's stacked
+    experts, only the top_k a token is sent to (the router counts whole)."""
     tied = cfg.vocab_size * cfg.d_model if cfg.tie_embeddings else 0
-    return tied + sum(math.prod(s) for p, s in param_shapes(cfg).items() if len(s) == 2 and p != "embeddings")
+    total = tied
+    for path, shape in param_shapes(cfg).items():
+        if len(shape) == 2 and path != "embeddings":
+            total += math.prod(shape)
+        elif len(shape) == 3:  # experts (n_experts, out, in)
+            total += cfg.moe.top_k * math.prod(shape[1:])
+    return total
+
+
+def active_params(cfg: ModelConfig) -> int:
+    """Parameters one token uses: all of a dense model; an MoE model's experts counted top_k of
+    n_experts (OLMoE-1B-7B: about 1.3 B of 6.9 B)."""
+    total = 0
+    for shape in param_shapes(cfg).values():
+        total += cfg.moe.top_k * math.prod(shape[1:]) if len(shape) == 3 else math.prod(shape)
+    return total
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:

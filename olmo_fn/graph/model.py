@@ -8,7 +8,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-from olmo_fn.graph.block import block_for
+from olmo_fn.graph.block import block_for, block_output
 from olmo_fn.graph.config import ModelConfig
 from olmo_fn.graph.loss import IGNORE_INDEX, cross_entropy_sums, linear_cross_entropy_sums
 from olmo_fn.graph.masks import document_block_mask, document_causal_mask
@@ -49,7 +49,8 @@ def hidden_states(
     backend: AttentionBackend = "auto",
     block_fn: BlockFn | None = None,
     inputs: LayerInputs | None = None,
-) -> torch.Tensor:
+    with_aux: bool = False,
+):
     """Embedding and every block present in ``params["blocks"]``, in layer order.
 
     input_ids: (batch, seq) int. positions: (batch, seq) int RoPE positions, default ``0..seq-1``
@@ -59,7 +60,8 @@ def hidden_states(
     block_fn: defaults to the block ``cfg.block`` names (pass a compiled one to compile).
     inputs: the blocks' RoPE tables and masks when made elsewhere (a context-parallel slice's), instead
     of from positions and doc_ids.
-    Returns (batch, seq, d_model) in the parameters' dtype, before the final norm.
+    Returns (batch, seq, d_model) in the parameters' dtype, before the final norm; with `with_aux`,
+    also the MoE layers' auxiliary sums, ``{layer: MoeAux}`` (empty for a dense model).
     """
     block_fn = block_fn or block_for(cfg)
     blocks = params["blocks"]
@@ -68,9 +70,12 @@ def hidden_states(
         inputs = layer_inputs(input_ids, cfg, [int(key) for key in layers], positions, doc_ids, backend)
     rope, masks = inputs
     x = F.embedding(input_ids, params["embeddings"])
+    aux = {}
     for key in layers:
-        x = block_fn(blocks[key], x, rope, masks[int(key)], cfg)
-    return x
+        x, layer_aux = block_output(block_fn(blocks[key], x, rope, masks[int(key)], cfg))
+        if layer_aux is not None:
+            aux[int(key)] = layer_aux
+    return (x, aux) if with_aux else x
 
 
 def layer_inputs(
@@ -122,16 +127,22 @@ def loss_sums(
     cfg: ModelConfig,
     ignore_index: int = IGNORE_INDEX,
     loss_chunk_tokens: int | None = None,
+    with_aux: bool = False,
     **kwargs,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(ce_sum, z_sum, n_targets)`` of `cross_entropy_sums` for the model's logits on one batch.
+):
+    """``(ce_sum, z_sum, n_targets)`` of `cross_entropy_sums` for the model's logits on one batch;
+    with `with_aux`, a fourth item: the MoE layers' auxiliary sums ``{layer: MoeAux}`` (see
+    `olmo_fn.graph.moe`), which the objective weighs in (`moe_objective_sum`).
 
     loss_chunk_tokens: make the logits and their gradient that many positions at a time
     (`linear_cross_entropy_sums`) instead of all at once; None: all at once. Other keyword arguments as
     for `hidden_states`.
     """
     head = head_params(params, cfg)
-    h = rms_norm(hidden_states(params, input_ids, cfg, **kwargs), head["norm"], cfg.norm_eps)
+    x, aux = hidden_states(params, input_ids, cfg, with_aux=True, **kwargs)
+    h = rms_norm(x, head["norm"], cfg.norm_eps)
     if loss_chunk_tokens is None:
-        return cross_entropy_sums(h @ head["w_out"].T, labels, ignore_index)
-    return linear_cross_entropy_sums(h, head["w_out"], labels, loss_chunk_tokens, ignore_index)
+        sums = cross_entropy_sums(h @ head["w_out"].T, labels, ignore_index)
+    else:
+        sums = linear_cross_entropy_sums(h, head["w_out"], labels, loss_chunk_tokens, ignore_index)
+    return (*sums, aux) if with_aux else sums

@@ -12,6 +12,10 @@ mapping translate key by key::
     blocks.{i}.attention_norm                   (d_model,)
     blocks.{i}.feed_forward.w1 / w3             (mlp_hidden, d_model)    gate / up
     blocks.{i}.feed_forward.w2                  (d_model, mlp_hidden)    down
+    blocks.{i}.feed_forward.router              (n_experts, d_model)     [MoE layers, instead of w1/w2/w3]
+    blocks.{i}.feed_forward.experts.w1 / w3     (n_experts, hidden, d_model)
+    blocks.{i}.feed_forward.experts.w2          (n_experts, d_model, hidden)
+    blocks.{i}.feed_forward.shared.w1/w2/w3     as w1/w2/w3 with shared_hidden   [MoE, shared_hidden > 0]
     blocks.{i}.feed_forward_norm                (d_model,)
     lm_head.norm                                (d_model,)
     lm_head.w_out                               (vocab_size, d_model)  [not with tie_embeddings]
@@ -48,13 +52,30 @@ def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
             shapes[f"{b}.attention.q_norm"] = (h,) if per_head else (q_dim,)
             shapes[f"{b}.attention.k_norm"] = (h,) if per_head else (kv_dim,)
         shapes[f"{b}.attention_norm"] = (d,)
-        shapes[f"{b}.feed_forward.w1"] = (cfg.mlp_hidden, d)
-        shapes[f"{b}.feed_forward.w2"] = (d, cfg.mlp_hidden)
-        shapes[f"{b}.feed_forward.w3"] = (cfg.mlp_hidden, d)
+        if cfg.moe.is_moe_layer(i):
+            shapes.update(moe_shapes(cfg, f"{b}.feed_forward"))
+        else:
+            shapes.update(mlp_shapes(d, cfg.mlp_hidden, f"{b}.feed_forward"))
         shapes[f"{b}.feed_forward_norm"] = (d,)
     shapes["lm_head.norm"] = (d,)
     if not cfg.tie_embeddings:
         shapes["lm_head.w_out"] = (cfg.vocab_size, d)
+    return shapes
+
+
+def mlp_shapes(d_model: int, hidden: int, prefix: str) -> dict[str, tuple[int, ...]]:
+    """The gated MLP's three matrices under `prefix`."""
+    dot = f"{prefix}." if prefix else ""
+    return {f"{dot}w1": (hidden, d_model), f"{dot}w2": (d_model, hidden), f"{dot}w3": (hidden, d_model)}
+
+
+def moe_shapes(cfg: ModelConfig, prefix: str) -> dict[str, tuple[int, ...]]:
+    """An MoE feed-forward's router, stacked experts and shared expert under `prefix`."""
+    n, d, h = cfg.moe.n_experts, cfg.d_model, cfg.moe.hidden
+    shapes = {f"{prefix}.router": (n, d)}
+    shapes.update({f"{prefix}.experts.{w}": (n, *shape) for w, shape in mlp_shapes(d, h, "").items()})
+    if cfg.moe.shared_hidden:
+        shapes.update(mlp_shapes(d, cfg.moe.shared_hidden, f"{prefix}.shared"))
     return shapes
 
 

@@ -1,5 +1,5 @@
-"""Named model sizes: every OLMo 2 size, OLMo 3 from 14M to 32B, Llama 3 8B, and a tiny model for a
-laptop CPU."""
+"""Named model sizes: every OLMo 2 size, OLMo 3 from 14M to 32B, Llama 3 8B, OLMoE 1B-7B, and tiny
+dense and MoE models for a laptop CPU."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import dataclasses
 
 from olmo_fn.errors import ConfigError
 from olmo_fn.graph.config import ModelConfig
+from olmo_fn.graph.moe_config import MoeConfig
 
 DOLMA2_VOCAB = 100_352
 """The dolma2 tokenizer's 100,278 entries padded to a multiple of 128."""
@@ -60,6 +61,30 @@ PRESETS: dict[str, ModelConfig] = {
             "32b": (5120, 64, 40, 8, 27648),
         }.items()
     },
+    # OLMoE-1B-7B-0924: Llama's pre-norm block with OLMo's QK-norm, 64 experts of width 1024, 8 per token.
+    "olmoe-1b-7b": ModelConfig(
+        d_model=2048,
+        n_layers=16,
+        n_heads=16,
+        n_kv_heads=16,
+        mlp_hidden=1024,
+        vocab_size=50_304,
+        rope_theta=10_000.0,
+        norm_eps=1e-5,
+        block="pre_norm",
+        moe=MoeConfig(n_experts=64, top_k=8, hidden=1024, lb_loss=0.01, router_z_loss=0.001),
+    ),
+    # olmo2-tiny with 8 experts of width 192, 2 per token: the same active parameters as olmo2-tiny
+    # (plus each layer's 8 x 128 router), 4x its feed-forward parameters in all.
+    "olmoe-tiny": ModelConfig(
+        d_model=128,
+        n_layers=4,
+        n_heads=4,
+        n_kv_heads=4,
+        mlp_hidden=384,
+        vocab_size=384,
+        moe=MoeConfig(n_experts=8, top_k=2, hidden=192),
+    ),
     "llama3-8b": ModelConfig(
         d_model=4096,
         n_layers=32,

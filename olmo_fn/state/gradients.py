@@ -21,6 +21,8 @@ class Gradients:
     ce_sum: torch.Tensor
     z_sum: torch.Tensor
     n_targets: torch.Tensor
+    moe_stats: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    """The MoE layers' statistics summed over micro-batches and ranks (`olmo_fn.state.moe_terms`)."""
 
 
 GradientFn = Callable[[TensorDict, Batch], Gradients]

@@ -22,6 +22,7 @@ from olmo_fn.parallelize.activation_checkpoint import (
 )
 from olmo_fn.parallelize.compile import compile_block
 from olmo_fn.parallelize.context_parallel import context_parallel_block, context_parallel_slice
+from olmo_fn.parallelize.expert_parallel import expert_parallel_block
 from olmo_fn.parallelize.fp8 import Float8Matmul, Fp8Recipe, float8_block, float8_matmul
 from olmo_fn.parallelize.mixed_precision import compute_params
 from olmo_fn.parallelize.parallel_config import ZERO_BUBBLE_SCHEDULES
@@ -38,6 +39,7 @@ from olmo_fn.parallelize.tensor_parallel import tp_block_fn, tp_loss_sums
 from olmo_fn.runtime import LOSS_CHUNK_PIPELINE
 from olmo_fn.state.clip import clip_by_global_norm
 from olmo_fn.state.gradients import GradientFn, Gradients
+from olmo_fn.state.moe_terms import add_stats, moe_metrics, moe_objective_sum
 from olmo_fn.state.optim import optimizer_update
 from olmo_fn.state.optim_config import OptimConfig
 from olmo_fn.state.schedule import ScheduleConfig, lr_at
@@ -100,7 +102,7 @@ LossSumsFn = Callable[[TensorDict, Batch], tuple[torch.Tensor, torch.Tensor, tor
 
 def block_function(settings: StepSettings, sharding: Sharding | None) -> BlockFn:
     """The function that runs one block: the plain (or compiled) block in one process; under a
-    sharding, the block of its plan (TP, CP) run on a stored block, gathered first. Either way under
+    sharding, the block of its plan (TP, CP, EP) run on a stored block, gathered first. Either way under
     the activation checkpointing policy ``settings.ac``."""
     cfg = settings.model
     problem = checkpointing_problem(settings, sharding)
@@ -121,8 +123,12 @@ def block_function(settings: StepSettings, sharding: Sharding | None) -> BlockFn
     shape = sharding.layout.shape
     reshard = shape.dp_shard * shape.cp > 1 and not settings.compile and not _split_backward(sharding)
     policy = settings.ac if settings.ac != "none" or not reshard else "selective"
+    if sharding.ep is not None and settings.compile:
+        raise ConfigError("compile with expert parallelism (parallel.ep > 1) is not supported yet")
     if tp is not None:
         block_fn = tp_block_fn(cfg, tp, cp)
+    elif sharding.ep is not None:
+        block_fn = expert_parallel_block(cfg, sharding.ep)
     else:
         block_fn = context_parallel_block(cfg, cp) if cp is not None else block_for(cfg)
     block_fn = float8_block(block_fn, settings.fp8, emulate=settings.fp8_emulate)
@@ -160,11 +166,14 @@ def checkpointing_problem(settings: StepSettings, sharding: Sharding | None) -> 
     return "; ".join(problems) or None
 
 
-def make_loss_sums_fn(settings: StepSettings, sharding: Sharding | None = None) -> LossSumsFn:
+def make_loss_sums_fn(
+    settings: StepSettings, sharding: Sharding | None = None, *, with_aux: bool = False
+) -> LossSumsFn:
     """``loss_sums(params, batch) -> (ce_sum, z_sum, n_targets)`` of the model on one (micro-)batch, as
     `olmo_fn.graph.model.loss_sums` computes them, under `sharding` when given (then collective, with
     this rank's share of the rows, or of their positions under context parallelism: the sums are this
-    share's, not yet summed over ranks)."""
+    share's, not yet summed over ranks). With `with_aux`, a fourth item: the MoE layers' auxiliary
+    sums ``{layer: MoeAux}``."""
     cfg = settings.model
     tp = sharding.tp if sharding is not None else None
     cp = sharding.cp if sharding is not None else None
@@ -192,7 +201,9 @@ def make_loss_sums_fn(settings: StepSettings, sharding: Sharding | None = None) 
             if sharding is None
             else model_view(params, sharding)
         )
-        return model_loss_sums(
+        if tp is None:
+            kwargs["with_aux"] = with_aux
+        out = model_loss_sums(
             view,
             mb.input_ids,
             mb.labels,
@@ -201,32 +212,36 @@ def make_loss_sums_fn(settings: StepSettings, sharding: Sharding | None = None) 
             block_fn=block_fn,
             **kwargs,
         )
+        return (*out, {}) if with_aux and tp is not None else out  # MoE runs without TP
 
     return sums
 
 
 def make_gradient_fn(settings: StepSettings, sharding: Sharding | None = None) -> GradientFn:
     """``gradients(params, batch)``: the gradient of the batch's objective, ``(ce_sum + z_loss *
-    z_sum) / n_targets`` over the whole (global) batch.
+    z_sum) / n_targets`` over the whole (global) batch, plus an MoE model's weighted auxiliary sums
+    over the same count (`olmo_fn.state.moe_terms`).
 
     The batch is split into micro-batches of ``settings.micro_batch_size`` rows; their gradients
     accumulate, and every micro-batch's loss is divided by the target count of the whole batch, so
     the result equals the gradient of the whole batch at once. With a `sharding`, `params` are placed
     DTensors, `batch` is this rank's share of the global batch, and the call is collective.
     """
-    sums = make_loss_sums_fn(settings, sharding)
+    sums = make_loss_sums_fn(settings, sharding, with_aux=True)
 
     def objective(params, mb: Batch, n_targets: torch.Tensor):
-        ce_sum, z_sum, _ = sums(params, mb)
-        return (ce_sum + settings.z_loss * z_sum) / n_targets, ce_sum.detach(), z_sum.detach()
+        ce_sum, z_sum, _, aux = sums(params, mb)
+        total = ce_sum + settings.z_loss * z_sum + moe_objective_sum(aux, settings.model)
+        return total / n_targets, ce_sum.detach(), z_sum.detach(), aux
 
     def gradients(params: TensorDict, batch: Batch) -> Gradients:
         paths, leaves = zip(*flatten(params).items(), strict=True)
         n_targets = dp_sum((batch.labels != -100).sum(), sharding).clamp(min=1)
         grads: list[torch.Tensor] | None = None
-        ce_sums, z_sums = [], []
+        ce_sums, z_sums, stats = [], [], {}
         for mb in batch.split(settings.micro_batch_size):
-            loss, ce_sum, z_sum = objective(params, mb, n_targets)
+            loss, ce_sum, z_sum, aux = objective(params, mb, n_targets)
+            stats = add_stats(stats, aux)
             mb_grads = torch.autograd.grad(loss, leaves)
             if grads is None:
                 grads = list(mb_grads)
@@ -239,9 +254,22 @@ def make_gradient_fn(settings: StepSettings, sharding: Sharding | None = None) -
             loss_sum(torch.stack(ce_sums).sum(), sharding),
             loss_sum(torch.stack(z_sums).sum(), sharding),
             n_targets,
+            summed_stats(stats, sharding),
         )
 
     return gradients
+
+
+def summed_stats(stats: dict[str, torch.Tensor], sharding: Sharding | None) -> dict[str, torch.Tensor]:
+    """`stats` summed over the ranks that hold different rows, in one collective."""
+    if not stats or sharding is None:
+        return stats
+    flat = loss_sum(torch.cat([value.reshape(-1) for value in stats.values()]), sharding)
+    sizes = [value.numel() for value in stats.values()]
+    return {
+        key: part.reshape(value.shape)
+        for (key, value), part in zip(stats.items(), flat.split(sizes), strict=True)
+    }
 
 
 def make_train_step(settings: StepSettings, sharding: Sharding | None = None) -> StepFn:
@@ -327,6 +355,7 @@ def make_train_step(settings: StepSettings, sharding: Sharding | None = None) ->
             "lr": lr,
             "n_targets": n_targets,
         }
+        metrics.update(moe_metrics(result.moe_stats, settings.model))
         if settings.spike.sigmas:
             metrics["skipped"] = int(skip)
             metrics["skipped_steps"] = spikes.skipped

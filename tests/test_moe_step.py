@@ -1,0 +1,162 @@
+"""MoE in the train step: the auxiliary losses enter the gradient with their weights, the metrics are
+the statistics they claim, what MoE cannot run with is refused in one line, and it trains and resumes."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from olmo_fn.graph import ModelConfig, init_params
+from olmo_fn.graph.model import loss_sums
+from olmo_fn.graph.moe_config import MoeConfig
+from olmo_fn.graph.param_tree import flatten
+from olmo_fn.io.instances import make_batch
+from olmo_fn.run import main
+from olmo_fn.state.moe_terms import moe_metrics
+from olmo_fn.state.optim_config import OptimConfig
+from olmo_fn.state.schedule import ScheduleConfig
+from olmo_fn.state.train_step import StepSettings, make_gradient_fn
+
+MOE = MoeConfig(n_experts=4, top_k=2, hidden=16, every=2, shared_hidden=8, lb_loss=0.3, router_z_loss=0.05)
+CFG = ModelConfig(d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, mlp_hidden=48, vocab_size=50, moe=MOE)
+EOS = 3
+
+
+def settings(model=CFG, micro_batch_size=2) -> StepSettings:
+    return StepSettings(
+        model=model,
+        optim=OptimConfig(lr=1e-2),
+        schedule=ScheduleConfig(warmup_steps=1),
+        total_steps=4,
+        micro_batch_size=micro_batch_size,
+        z_loss=1e-3,
+        compute_dtype=torch.float64,
+    )
+
+
+def params64(model=CFG, seed=0):
+    params = init_params(model, seed=seed, dtype=torch.float64)
+    return params.apply(lambda t: t.requires_grad_(True))
+
+
+def random_batch(gen, rows=6, seq=12):
+    batch = make_batch(torch.randint(0, CFG.vocab_size, (rows, seq), generator=gen), EOS)
+    drop = torch.rand(rows, seq, generator=gen) < 0.2
+    return dataclasses.replace(batch, labels=batch.labels.masked_fill(drop, -100))
+
+
+def naive_objective(params, batch, s: StepSettings, lb_weight: float, rz_weight: float):
+    """Σ over micro-batches of (ce + z_loss·z + lb_weight·Σ_layers lb·T + rz_weight·Σ_layers Σ_t lse²)
+    / targets of the whole batch, with lb written out from the router probabilities of each layer."""
+    n_targets = (batch.labels != -100).sum()
+    total = 0.0
+    for mb in batch.split(s.micro_batch_size):
+        ce, z, _, aux = loss_sums(
+            params,
+            mb.input_ids,
+            mb.labels,
+            s.model,
+            positions=mb.positions,
+            doc_ids=mb.doc_ids,
+            with_aux=True,
+        )
+        total = total + ce + s.z_loss * z
+        for layer in aux:
+            assert layer % MOE.every == MOE.every - 1  # only the MoE layers report
+            total = total + lb_weight * aux[layer]["lb_sum"] + rz_weight * aux[layer]["router_z_sum"]
+    return total / n_targets
+
+
+def test_step_gradient_includes_the_weighted_auxiliary_losses(gen):
+    """The step's gradient (3 micro-batches) equals autograd of the objective written out, with the
+    balancing and router z-loss weights from the config; without them (a control) it differs."""
+    s = settings()
+    params = params64()
+    batch = random_batch(gen)
+    result = make_gradient_fn(s)(params, batch)
+    leaves = flatten(params)
+    expected = torch.autograd.grad(naive_objective(params, batch, s, 0.3, 0.05), list(leaves.values()))
+    for (path, got), want in zip(result.grads.items(), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=path)
+    control = torch.autograd.grad(naive_objective(params, batch, s, 0.0, 0.0), list(leaves.values()))
+    router = list(leaves).index("blocks.1.feed_forward.router")
+    assert not torch.allclose(result.grads["blocks.1.feed_forward.router"], control[router], atol=1e-8)
+
+
+def test_balancing_loss_written_out_from_router_probabilities(gen):
+    """lb_sum / T equals n_experts · Σ_e (assignments to e / T) · mean_t softmax_e, from a router
+    computed by hand on the MoE layer's input."""
+    from olmo_fn.graph.moe import moe_feed_forward
+
+    p = flatten(params64())
+    sub = {
+        k.removeprefix("blocks.1.feed_forward."): v
+        for k, v in p.items()
+        if k.startswith("blocks.1.feed_forward.")
+    }
+    tree = {"router": sub["router"], "experts": {w: sub[f"experts.{w}"] for w in ("w1", "w2", "w3")}}
+    tree["shared"] = {w: sub[f"shared.{w}"] for w in ("w1", "w2", "w3")}
+    x = torch.randn(10, CFG.d_model, generator=gen, dtype=torch.float64)
+    _, aux = moe_feed_forward(tree, x, MOE)
+    probs = torch.softmax(x @ sub["router"].T, dim=-1)
+    chosen = probs.topk(2, dim=-1).indices
+    counts = torch.stack([(chosen == e).sum() for e in range(4)]).double()
+    lb = 4 * sum(counts[e] / 10 * probs[:, e].mean() for e in range(4))
+    torch.testing.assert_close(aux["lb_sum"].double(), (lb * 10).float().double(), rtol=1e-6, atol=0)
+    assert aux["expert_tokens"].tolist() == counts.tolist()
+
+
+def test_metrics_are_the_statistics_they_name():
+    """moe_metrics from hand-made statistics of two layers: loads over the uniform share, the
+    per-token losses averaged over layers, the dropped fraction."""
+    stats = {
+        "1/lb_sum": torch.tensor(40.0),
+        "1/router_z_sum": torch.tensor(8.0),
+        "1/expert_tokens": torch.tensor([10.0, 30.0, 20.0, 20.0]),
+        "1/dropped": torch.tensor(4.0),
+        "1/tokens": torch.tensor(20.0),
+        "3/lb_sum": torch.tensor(60.0),
+        "3/router_z_sum": torch.tensor(4.0),
+        "3/expert_tokens": torch.tensor([20.0, 20.0, 20.0, 20.0]),
+        "3/dropped": torch.tensor(0.0),
+        "3/tokens": torch.tensor(20.0),
+    }
+    m = moe_metrics(stats, CFG)
+    assert m["moe/layer1/load_max"].item() == pytest.approx(1.5)  # 30 of 80 over a uniform 20
+    assert m["moe/layer1/load_min"].item() == pytest.approx(0.5)
+    assert m["moe/layer3/load_max"].item() == pytest.approx(1.0)
+    assert m["moe/load_max"].item() == pytest.approx(1.5) and m["moe/load_min"].item() == pytest.approx(0.5)
+    assert m["moe/lb_loss"].item() == pytest.approx((2.0 + 3.0) / 2)
+    assert m["moe/router_z_loss"].item() == pytest.approx((0.4 + 0.2) / 2)
+    assert m["moe/dropped"].item() == pytest.approx(4 / 160)
+    assert moe_metrics({}, CFG) == {}
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        (["--parallel.tp", "2"], "parallel.tp=2 with an MoE model is not supported yet"),
+        (["--parallel.pp", "2"], "parallel.pp=2 with an MoE model is not supported yet"),
+        (["--compile", "step"], "compile=step with an MoE model is not supported yet"),
+        (["--model.moe.top-k", "9"], "model.moe.top_k=9 exceeds model.moe.n_experts=8"),
+        (["--model.moe.capacity-factor", "-1"], "model.moe.capacity_factor=-1.0 must be >= 0"),
+    ],
+)
+def test_what_moe_cannot_run_with_is_one_line(tmp_path, capsys, options, expected):
+    run_dir = tmp_path / "run"
+    assert main(["train", "--preset", "olmoe-tiny", *options, "--run-dir", str(run_dir)]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and expected in lines[0], lines
+    assert not run_dir.exists()
+
+
+def test_dense_layers_between_moe_layers_keep_their_mlp():
+    """every=2: layers 1 and 3 route, 0 and 2 keep w1/w2/w3; counts add up."""
+    shapes = flatten(init_params(CFG, device="meta"))
+    assert "blocks.0.feed_forward.w1" in shapes and "blocks.0.feed_forward.router" not in shapes
+    assert shapes["blocks.3.feed_forward.experts.w2"].shape == (4, 32, 16)
+    assert shapes["blocks.3.feed_forward.shared.w1"].shape == (8, 32)
+    routers = [path for path in shapes if path.endswith(".router")]
+    assert routers == ["blocks.1.feed_forward.router", "blocks.3.feed_forward.router"]
