@@ -21,13 +21,14 @@ Dtype = Literal["float32", "bfloat16", "float16"]
 @dataclasses.dataclass(frozen=True)
 class ConvertToHf:
     """Write a run's newest checkpoint, a checkpoint or an olmo_fn export as a Hugging Face model
-    directory (Olmo2ForCausalLM, Olmo3ForCausalLM or LlamaForCausalLM) that from_pretrained loads."""
+    directory (Olmo2ForCausalLM, Olmo3ForCausalLM, LlamaForCausalLM, Qwen3ForCausalLM or
+    OlmoeForCausalLM) that from_pretrained loads."""
 
     source: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="SOURCE")]
     """A run directory, checkpoint directory or olmo_fn export."""
     out: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="OUT")]
     """A new (or empty) directory."""
-    arch: Literal["auto", "olmo2", "olmo3", "llama", "qwen3"] = "auto"
+    arch: Literal["auto", "olmo2", "olmo3", "llama", "qwen3", "olmoe"] = "auto"
     """Hugging Face architecture; auto picks the one that computes this model."""
     dtype: Dtype = "float32"
     """dtype of the written weights."""
@@ -37,7 +38,8 @@ class ConvertToHf:
 
 @dataclasses.dataclass(frozen=True)
 class ConvertFromHf:
-    """Import a Hugging Face model directory (Olmo2, Olmo3 or Llama; safetensors) as an olmo_fn export."""
+    """Import a Hugging Face model directory (Olmo2, Olmo3, Llama, Qwen3 or OLMoE; safetensors) as an
+    olmo_fn export."""
 
     source: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="SOURCE")]
     """A transformers model directory (config.json + safetensors)."""

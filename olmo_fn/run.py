@@ -230,7 +230,7 @@ def run(cfg: Command) -> None:
         started = time.perf_counter()
         run_dir = train(cfg)
         if launched_world()[0] == 0:
-            print(finished_summary(run_dir, time.perf_counter() - started), file=sys.stderr)
+            print(finished_summary(run_dir, time.perf_counter() - started, cfg.model), file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
+from olmo_fn.errors import CheckpointError
+from olmo_fn.graph.config import ModelConfig
 from olmo_fn.io.metrics_log import readable_records
 
 
@@ -31,8 +33,9 @@ def _duration(seconds: float) -> str:
     )
 
 
-def finished_summary(run_dir: Path, elapsed_s: float) -> str:
-    """Final step and loss, the latest evaluation, the time taken, and the next commands."""
+def finished_summary(run_dir: Path, elapsed_s: float, model: ModelConfig | None = None) -> str:
+    """Final step and loss, the latest evaluation, the time taken, and the next commands (`convert
+    to-hf` only where transformers has the `model`'s architecture)."""
     last, last_eval = _last_rows(run_dir / "metrics.jsonl")
     lines = [f"run directory: {run_dir}"]
     if last is not None:
@@ -49,7 +52,18 @@ def finished_summary(run_dir: Path, elapsed_s: float) -> str:
     lines += [
         "next:",
         f"  python -m olmo_fn.run generate --checkpoint {run} --prompt 'def '   # sample from it",
-        f"  python -m olmo_fn.run convert to-hf {run} {hf}   # for transformers",
-        f"  python -m olmo_fn.run checkpoint info {run}   # what its checkpoints hold",
     ]
+    if model is None or _has_hf_equivalent(model):
+        lines.append(f"  python -m olmo_fn.run convert to-hf {run} {hf}   # for transformers")
+    lines.append(f"  python -m olmo_fn.run checkpoint info {run}   # what its checkpoints hold")
     return "\n".join(lines)
+
+
+def _has_hf_equivalent(model: ModelConfig) -> bool:
+    from olmo_fn.io.hf_mapping import arch_for
+
+    try:
+        arch_for(model)
+    except CheckpointError:
+        return False
+    return True

@@ -47,6 +47,7 @@ from olmo_fn.runtime import (
 )
 from olmo_fn.state.checkpoint import checkpoint_path, load_checkpoint, remove_incomplete
 from olmo_fn.state.checkpoint_writer import CheckpointWriter
+from olmo_fn.state.moe_terms import moe_compile_problem
 from olmo_fn.state.optim import init_opt_state
 from olmo_fn.state.train_state import TrainState, current_versions, empty_train_state, init_train_state
 from olmo_fn.state.train_step import StepSettings, execution_text, make_train_step
@@ -211,6 +212,9 @@ def train(cfg: TrainConfig, *, progress: bool = True, observers: Sequence[object
     compiled = resolve_compile(cfg.compile, device, tensor_parallel=cfg.parallel.tp > 1, ac=cfg.ac)
     if cfg.compile == "step" and launched_world()[1] > 1:
         raise ConfigError("compile=step runs in one process; under torchrun use compile=on")
+    moe_problem = moe_compile_problem(cfg.model, resolve_dtype(cfg.dtype, device)) if compiled else None
+    if moe_problem:
+        raise ConfigError(moe_problem)
     if cfg.parallel.pp > 1 and cfg.parallel.pp_schedule == "zbv" and cfg.eval.interval:
         raise ConfigError(
             "evaluation under parallel.pp_schedule=zbv is not supported (its V-shaped stages have no "

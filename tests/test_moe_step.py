@@ -160,3 +160,65 @@ def test_dense_layers_between_moe_layers_keep_their_mlp():
     assert shapes["blocks.3.feed_forward.shared.w1"].shape == (8, 32)
     routers = [path for path in shapes if path.endswith(".router")]
     assert routers == ["blocks.1.feed_forward.router", "blocks.3.feed_forward.router"]
+
+
+def test_expert_bias_steers_the_choice_not_the_weights(gen):
+    """With a bias the top-k are those of scores + bias, weighted by their scores alone; a bias that
+    strongly favours experts 0 and 3 makes every token choose them."""
+    from olmo_fn.graph.moe import route
+
+    moe = MoeConfig(n_experts=4, top_k=2, hidden=4)
+    router = torch.randn(4, 8, generator=gen, dtype=torch.float64)
+    x = torch.randn(10, 8, generator=gen, dtype=torch.float64)
+    bias = torch.tensor([0.3, -0.1, 0.0, 0.2], dtype=torch.float64)
+    weights, experts, _ = route(router, x, moe, bias)
+    scores = torch.softmax(x @ router.T, dim=-1)
+    for t in range(10):
+        ranked = sorted(range(4), key=lambda e: -(scores[t, e] + bias[e]).item())[:2]
+        assert experts[t].tolist() == ranked
+        assert weights[t].tolist() == [scores[t, e].item() for e in ranked]
+    _, favoured, _ = route(router, x, moe, torch.tensor([10.0, 0, 0, 10.0], dtype=torch.float64))
+    assert sorted(set(favoured.reshape(-1).tolist())) == [0, 3]
+
+
+def test_step_moves_expert_biases_by_the_sign_of_the_load_and_never_by_the_optimizer(gen):
+    """After one update (weight decay on) each bias is exactly its old value + bias_rate ·
+    sign(mean load − load), the loads those of the step's batch; the other parameters did move."""
+    from olmo_fn.state.train_state import TrainState
+    from olmo_fn.state.train_step import make_train_step
+
+    model = dataclasses.replace(CFG, moe=dataclasses.replace(MOE, bias_rate=0.05))
+    s = dataclasses.replace(settings(model), optim=OptimConfig(lr=1e-2, weight_decay=0.1))
+    params = params64(model)
+    with torch.no_grad():
+        for layer in (1, 3):
+            params["blocks", str(layer), "feed_forward", "expert_bias"].copy_(
+                torch.tensor([0.2, -0.1, 0.05, 0.0], dtype=torch.float64)
+            )
+    before = {k: v.detach().clone() for k, v in flatten(params).items()}
+    batch = random_batch(gen)
+    stats = make_gradient_fn(s)(params, batch).moe_stats
+    from olmo_fn.state.optim import init_opt_state
+
+    state = TrainState(0, params, init_opt_state(params, s.optim), 0, 0, "")
+    state, _ = make_train_step(s)(state, batch)
+    after = flatten(state.params)
+    for layer in (1, 3):
+        path = f"blocks.{layer}.feed_forward.expert_bias"
+        load = stats[f"{layer}/expert_tokens"].double()
+        assert load.sum() == 6 * 12 * 2 and len(set(load.tolist())) > 1  # every assignment counted
+        expected = before[path] + 0.05 * torch.sign(load.mean() - load)
+        assert torch.equal(after[path], expected), (after[path], expected)
+    assert not torch.equal(after["blocks.1.feed_forward.router"], before["blocks.1.feed_forward.router"])
+    assert not torch.equal(after["blocks.0.feed_forward_norm"], before["blocks.0.feed_forward_norm"])
+
+
+def test_next_steps_offer_convert_only_where_transformers_has_the_model(tmp_path):
+    """olmoe-tiny (OLMo 2's reordered-norm block with experts) has no transformers class; OLMoE has."""
+    from olmo_fn.graph.presets import PRESETS
+    from olmo_fn.summary import finished_summary
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.5}\n')
+    assert "convert to-hf" not in finished_summary(tmp_path, 1.0, PRESETS["olmoe-tiny"])
+    assert "convert to-hf" in finished_summary(tmp_path, 1.0, PRESETS["olmoe-1b-7b"])
+    assert "generate --checkpoint" in finished_summary(tmp_path, 1.0, PRESETS["olmoe-tiny"])

@@ -31,7 +31,7 @@ def init_params(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> TensorDict:
-    """A fresh parameter tree: matrices ~ N(0, init_std²), norm weights = 1.
+    """A fresh parameter tree: matrices ~ N(0, init_std²), norm weights = 1, expert biases = 0.
 
     Each parameter draws from its own generator seeded by ``(seed, path)``, so a parameter's values do
     not depend on which others exist or in which order they are built (pipeline stages and sharded
@@ -43,6 +43,8 @@ def init_params(
     for path, shape in param_shapes(cfg).items():
         if device.type == "meta":
             flat[path] = torch.empty(shape, device=device, dtype=dtype)
+        elif path.endswith(".expert_bias"):  # no preference until loads are seen
+            flat[path] = torch.zeros(shape, device=device, dtype=dtype)
         elif len(shape) == 1:
             flat[path] = torch.ones(shape, device=device, dtype=dtype)
         else:

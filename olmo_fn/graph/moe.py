@@ -4,6 +4,7 @@ token, each expert is a gated MLP, and a token's output is the weighted sum of i
 Parameters of one MoE feed-forward (``blocks.{i}.feed_forward``), experts stacked on dim 0::
 
     router          (n_experts, d_model)
+    expert_bias     (n_experts,)                     [bias_rate > 0: added to the scores for the choice]
     experts.w1/w3   (n_experts, hidden, d_model)     gate / up, (out, in) per expert
     experts.w2      (n_experts, d_model, hidden)     down
     shared.w1/w2/w3 a dense gated MLP of width shared_hidden   [shared_hidden > 0]
@@ -33,16 +34,23 @@ count), ``router_z_sum`` (sum of logsumexp(router logits)²), ``expert_tokens`` 
 assignments routed to each expert), ``dropped`` (assignments past an expert's capacity), ``tokens``."""
 
 
-def route(router: torch.Tensor, x: torch.Tensor, moe: MoeConfig):
+def route(router: torch.Tensor, x: torch.Tensor, moe: MoeConfig, bias: torch.Tensor | None = None):
     """Top-k routing of tokens x (T, d_model) by the router matrix (n_experts, d_model).
 
     Returns ``(weights, experts, logits)``: weights (T, top_k) in x's dtype (the chosen experts' scores,
     renormalised to sum 1 if ``normalize_top_k``), experts (T, top_k) int64, logits (T, n_experts) fp32.
-    Scores are softmax over the experts (or a sigmoid each); ties pick the lower expert index.
+    Scores are softmax over the experts (or a sigmoid each), in at least fp32; ties are broken as
+    ``torch.topk`` breaks them. With an expert `bias` (n_experts,) the experts are chosen by
+    ``scores + bias`` and weighted by their scores alone (no gradient reaches the bias).
     """
-    logits = (x @ router.T).float()
+    logits = x @ router.T
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     scores = torch.softmax(logits, dim=-1) if moe.score == "softmax" else torch.sigmoid(logits)
-    top, experts = torch.topk(scores, moe.top_k, dim=-1)
+    if bias is None:
+        top, experts = torch.topk(scores, moe.top_k, dim=-1)
+    else:
+        experts = torch.topk(scores + bias.detach().to(scores.dtype), moe.top_k, dim=-1).indices
+        top = scores.gather(-1, experts)
     if moe.normalize_top_k:
         top = top / top.sum(dim=-1, keepdim=True)
     return top.to(x.dtype), experts, logits
@@ -60,16 +68,27 @@ def balancing_sums(logits: torch.Tensor, experts: torch.Tensor, moe: MoeConfig) 
     probs = torch.softmax(logits, dim=-1) if moe.score == "softmax" else torch.sigmoid(logits)
     if moe.score == "sigmoid":
         probs = probs / probs.sum(dim=-1, keepdim=True)
-    counts = torch.bincount(experts.reshape(-1), minlength=moe.n_experts).to(torch.float32)
+    counts = expert_counts(experts.reshape(-1), moe.n_experts).to(logits.dtype)
     lb = moe.n_experts * (counts / n_tokens * probs.mean(dim=0)).sum()
     z_sum = torch.logsumexp(logits, dim=-1).square().sum()
-    return lb * n_tokens, z_sum, counts
+    return lb * n_tokens, z_sum, counts.to(torch.float32)
+
+
+def expert_counts(flat_experts: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Assignments per expert, (n_experts,) int64: a bincount whose size does not depend on the data
+    (so the compiler sees static shapes)."""
+    return torch.zeros(n_experts, dtype=torch.int64, device=flat_experts.device).scatter_add_(
+        0, flat_experts, torch.ones_like(flat_experts)
+    )
 
 
 def grouped_available(x: torch.Tensor, moe: MoeConfig, d_model: int) -> bool:
     """Whether ``torch._grouped_mm`` takes these experts: a 16-bit or fp32 dtype and rows whose
-    widths are multiples of 16 bytes; on CUDA, bfloat16 on compute capability 9.0 and newer."""
+    widths are multiples of 16 bytes; on CUDA, bfloat16 on compute capability 9.0 and newer; under
+    torch.compile, bfloat16 only (torch 2.13's compiled grouped GEMM)."""
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:  # its compiled form takes bf16 only
         return False
     if (d_model * x.element_size()) % 16 or (moe.hidden * x.element_size()) % 16:
         return False
@@ -90,7 +109,8 @@ def expert_rows_grouped(p: Mapping[str, Any], xs: torch.Tensor, counts: torch.Te
 
 
 def expert_rows_loop(p: Mapping[str, Any], xs: torch.Tensor, counts: torch.Tensor, act) -> torch.Tensor:
-    """As `expert_rows_grouped`, one matmul per expert that has rows (reads the counts on the host)."""
+    """As `expert_rows_grouped`, one matmul per expert that has rows (reads the counts on the host, so
+    it does not compile into one graph)."""
     outs, start = [], 0
     for e, n in enumerate(counts.tolist()):
         if n:
@@ -105,7 +125,7 @@ def dropless_experts(p, x, weights, experts, moe: MoeConfig, act, grouped: bool)
     flat = experts.reshape(-1)
     order = torch.argsort(flat, stable=True)
     token = order // moe.top_k
-    counts = torch.bincount(flat, minlength=moe.n_experts)
+    counts = expert_counts(flat, moe.n_experts)
     rows = (expert_rows_grouped if grouped else expert_rows_loop)(p, x[token], counts, act)
     rows = rows * weights.reshape(-1)[order, None]
     return torch.zeros_like(x).index_add(0, token, rows)
@@ -115,9 +135,9 @@ def capacity_experts(p, x, weights, experts, moe: MoeConfig, act, capacity: int)
     """As `dropless_experts`, but expert e computes only its first `capacity` assignments (in token
     order) in an (n_experts, capacity, d_model) buffer; returns (output, dropped assignment count)."""
     n_experts, flat = moe.n_experts, experts.reshape(-1)
-    order = torch.argsort(flat)
+    order = torch.argsort(flat, stable=True)
     sorted_experts = flat[order]
-    counts = torch.bincount(flat, minlength=n_experts)
+    counts = expert_counts(flat, n_experts)
     starts = torch.cumsum(counts, 0) - counts
     slot = torch.arange(flat.numel(), device=x.device) - starts[sorted_experts]
     kept = slot < capacity
@@ -127,7 +147,8 @@ def capacity_experts(p, x, weights, experts, moe: MoeConfig, act, capacity: int)
     buffer = x.new_zeros((n_experts * capacity + 1, x.shape[-1])).index_copy(0, index, x[token])
     xs = buffer[:-1].view(n_experts, capacity, -1)
     hidden = act(xs @ p["w1"].transpose(-2, -1)) * (xs @ p["w3"].transpose(-2, -1))
-    ys = torch.cat([(hidden @ p["w2"].transpose(-2, -1)).reshape(-1, x.shape[-1]), x.new_zeros(1, x.shape[-1])])
+    ys = (hidden @ p["w2"].transpose(-2, -1)).reshape(-1, x.shape[-1])
+    ys = torch.cat([ys, x.new_zeros(1, x.shape[-1])])
     rows = ys[index] * (weights.reshape(-1)[order] * kept)[:, None]
     return torch.zeros_like(x).index_add(0, token, rows), (~kept).sum()
 
@@ -138,7 +159,7 @@ def moe_feed_forward(
     """The MoE feed-forward of x (..., d_model) -> (same shape, `MoeAux`)."""
     shape = x.shape
     flat = x.reshape(-1, shape[-1])
-    weights, experts, logits = route(p["router"], flat, moe)
+    weights, experts, logits = route(p["router"], flat, moe, p.get("expert_bias"))
     act = GATES[activation]
     capacity = moe.capacity(flat.shape[0])
     if capacity is None:

@@ -33,6 +33,11 @@ class MoeConfig:
     """0: dropless. Otherwise each expert takes at most ceil(capacity_factor · tokens · top_k /
     n_experts) of a micro-batch's tokens, earliest tokens first; the rest of its tokens are dropped
     (that expert adds nothing for them)."""
+    bias_rate: float = 0.0
+    """Auxiliary-loss-free balancing (DeepSeek-V3): with a rate > 0 each MoE layer has an
+    ``expert_bias`` (n_experts,) added to the scores when choosing the top_k experts (not to their
+    weights), and after every update the step moves it by ``bias_rate · sign(mean load − load_e)``
+    from that step's expert loads (summed over micro-batches and ranks). 0: no bias."""
     lb_loss: float = 0.01
     """Weight of the load-balancing loss (Switch/OLMoE form) in the objective."""
     router_z_loss: float = 0.001
@@ -74,7 +79,7 @@ def moe_config_problems(moe: MoeConfig) -> list[str]:
         problems.append(f"model.moe.shared_hidden={moe.shared_hidden!r} must be an integer >= 0 (0: none)")
     if not 0 <= moe.capacity_factor < math.inf:
         problems.append(f"model.moe.capacity_factor={moe.capacity_factor!r} must be >= 0 (0: dropless)")
-    for name in ("lb_loss", "router_z_loss"):
+    for name in ("lb_loss", "router_z_loss", "bias_rate"):
         value = getattr(moe, name)
         if not 0 <= value < math.inf:
             problems.append(f"model.moe.{name}={value!r} must be finite and >= 0")

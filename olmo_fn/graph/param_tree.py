@@ -15,6 +15,7 @@ mapping translate key by key::
     blocks.{i}.feed_forward.router              (n_experts, d_model)     [MoE layers, instead of w1/w2/w3]
     blocks.{i}.feed_forward.experts.w1 / w3     (n_experts, hidden, d_model)
     blocks.{i}.feed_forward.experts.w2          (n_experts, d_model, hidden)
+    blocks.{i}.feed_forward.expert_bias         (n_experts,)   [MoE, bias_rate > 0; zeros at init]
     blocks.{i}.feed_forward.shared.w1/w2/w3     as w1/w2/w3 with shared_hidden   [MoE, shared_hidden > 0]
     blocks.{i}.feed_forward_norm                (d_model,)
     lm_head.norm                                (d_model,)
@@ -73,6 +74,8 @@ def moe_shapes(cfg: ModelConfig, prefix: str) -> dict[str, tuple[int, ...]]:
     """An MoE feed-forward's router, stacked experts and shared expert under `prefix`."""
     n, d, h = cfg.moe.n_experts, cfg.d_model, cfg.moe.hidden
     shapes = {f"{prefix}.router": (n, d)}
+    if cfg.moe.bias_rate:
+        shapes[f"{prefix}.expert_bias"] = (n,)
     shapes.update({f"{prefix}.experts.{w}": (n, *shape) for w, shape in mlp_shapes(d, h, "").items()})
     if cfg.moe.shared_hidden:
         shapes.update(mlp_shapes(d, cfg.moe.shared_hidden, f"{prefix}.shared"))

@@ -17,6 +17,7 @@ import torch
 
 from olmo_fn.graph.config import ModelConfig
 from olmo_fn.graph.moe import MoeAux
+from olmo_fn.graph.param_tree import flatten, unflatten
 
 STAT_KEYS = ("lb_sum", "router_z_sum", "expert_tokens", "dropped", "tokens")
 
@@ -71,6 +72,38 @@ def moe_metrics(stats: dict[str, torch.Tensor], model: ModelConfig) -> dict[str,
     return metrics
 
 
+def is_expert_bias(path: str) -> bool:
+    """Whether the leaf at dotted `path` is an expert bias: moved by `update_expert_biases`, never by
+    the optimizer (no gradient reaches it)."""
+    return path.endswith(".expert_bias")
+
+
+def without_expert_biases(tree: Any, model: ModelConfig) -> Any:
+    """`tree` (the same tensors) without its expert biases: what the optimizer updates."""
+    if not model.moe.bias_rate:
+        return tree
+    return unflatten({path: t for path, t in flatten(tree).items() if not is_expert_bias(path)})
+
+
+@torch.no_grad()
+def update_expert_biases(params: Any, stats: dict[str, torch.Tensor], model: ModelConfig) -> None:
+    """In place, after an update: each MoE layer's ``expert_bias += bias_rate · sign(mean load −
+    load)``, the loads being the step's expert assignments summed over micro-batches and ranks (the
+    same on every rank). Placed biases (DTensors) take the local part of the same step."""
+    if not model.moe.bias_rate:
+        return
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    for path, bias in flatten(params).items():
+        if not is_expert_bias(path):
+            continue
+        load = stats[f"{path.split('.')[1]}/expert_tokens"]
+        step = model.moe.bias_rate * torch.sign(load.mean() - load).to(bias.dtype)
+        if isinstance(bias, DTensor):
+            step = distribute_tensor(step, bias.device_mesh, bias.placements, src_data_rank=None)
+        bias.add_(step)
+
+
 def moe_run_problems(model: ModelConfig, parallel: Any, *, compile_step: bool, fp8: str) -> list[str]:
     """Why a run of this MoE model cannot go as configured (empty for a dense model, or when it can)."""
     if not model.moe.enabled:
@@ -87,3 +120,23 @@ def moe_run_problems(model: ModelConfig, parallel: Any, *, compile_step: bool, f
     if fp8 != "none":
         problems.append(f"fp8={fp8} with an MoE model is not supported yet (experts are not float8 matmuls)")
     return problems
+
+
+def moe_compile_problem(model: ModelConfig, compute_dtype: torch.dtype) -> str | None:
+    """Why a compiled block cannot hold this MoE model's experts, or None: dropless experts compile
+    as grouped GEMMs, which torch.compile takes in bfloat16 only (the per-expert loop reads counts on
+    the host); the capacity path is a batched matmul and compiles in any dtype."""
+    moe = model.moe
+    if not moe.enabled or moe.capacity_factor:
+        return None
+    if moe.implementation == "loop":
+        return (
+            "compile=on with model.moe.implementation=loop: the per-expert loop does not compile; use grouped"
+        )
+    if compute_dtype != torch.bfloat16:
+        dtype = str(compute_dtype).removeprefix("torch.")
+        return (
+            f"compile=on with dropless MoE experts needs dtype bfloat16 (grouped GEMMs), not {dtype}; "
+            "use --compile off, --dtype bfloat16, or --model.moe.capacity-factor"
+        )
+    return None

@@ -39,7 +39,14 @@ from olmo_fn.parallelize.tensor_parallel import tp_block_fn, tp_loss_sums
 from olmo_fn.runtime import LOSS_CHUNK_PIPELINE
 from olmo_fn.state.clip import clip_by_global_norm
 from olmo_fn.state.gradients import GradientFn, Gradients
-from olmo_fn.state.moe_terms import add_stats, moe_metrics, moe_objective_sum
+from olmo_fn.state.moe_terms import (
+    add_stats,
+    moe_compile_problem,
+    moe_metrics,
+    moe_objective_sum,
+    update_expert_biases,
+    without_expert_biases,
+)
 from olmo_fn.state.optim import optimizer_update
 from olmo_fn.state.optim_config import OptimConfig
 from olmo_fn.state.schedule import ScheduleConfig, lr_at
@@ -106,6 +113,8 @@ def block_function(settings: StepSettings, sharding: Sharding | None) -> BlockFn
     the activation checkpointing policy ``settings.ac``."""
     cfg = settings.model
     problem = checkpointing_problem(settings, sharding)
+    if settings.compile:
+        problem = problem or moe_compile_problem(cfg, settings.compute_dtype)
     if problem:
         raise ConfigError(problem)
     budget = settings.ac_budget if settings.ac == "budget" else None
@@ -242,7 +251,11 @@ def make_gradient_fn(settings: StepSettings, sharding: Sharding | None = None) -
         for mb in batch.split(settings.micro_batch_size):
             loss, ce_sum, z_sum, aux = objective(params, mb, n_targets)
             stats = add_stats(stats, aux)
-            mb_grads = torch.autograd.grad(loss, leaves)
+            # allow_unused: no gradient reaches an MoE layer's expert bias (it only steers the choice)
+            mb_grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+            mb_grads = [
+                torch.zeros_like(t) if g is None else g for t, g in zip(leaves, mb_grads, strict=True)
+            ]
             if grads is None:
                 grads = list(mb_grads)
             else:  # in place, one multi-tensor kernel (DTensor gradients of equal placements too)
@@ -330,13 +343,14 @@ def make_train_step(settings: StepSettings, sharding: Sharding | None = None) ->
             skip, spikes = judge(spikes, loss, float(grad_norm), settings.spike)
         if not skip:
             optimizer_update(
-                params,
+                without_expert_biases(params, settings.model),
                 dict(zip(paths, grads, strict=True)),
                 opt_state,
                 step=state.step + 1,
                 lr=lr,
                 cfg=settings.optim,
             )
+            update_expert_biases(state.params, result.moe_stats, settings.model)
         dp = sharding.layout.shape.dp if sharding else 1  # `batch` is this rank's 1/dp of the global batch
         new_state = dataclasses.replace(
             state,
