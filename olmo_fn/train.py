@@ -10,6 +10,7 @@ import time
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -362,7 +363,7 @@ def _train(
 
         def record(row: dict) -> None:
             nonlocal last_read
-            row = {k: v.item() if hasattr(v, "item") else v for k, v in row.items()}
+            row = {k: _plain(v) for k, v in row.items()}
             now = time.perf_counter()
             row["tokens_per_s"] = row.pop("n_tokens") / (now - last_read - row.get("eval_s", 0.0))
             last_read = now
@@ -406,3 +407,10 @@ def _train(
         while pending:
             record(pending.pop(0))
     return run_dir
+
+
+def _plain(value: Any) -> Any:
+    """A metric as JSON takes it: a tensor's number, or its list (an MoE layer's tokens per expert)."""
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else value.tolist()
+    return value.item() if hasattr(value, "item") else value

@@ -124,6 +124,7 @@ def test_metrics_are_the_statistics_they_name():
         "3/tokens": torch.tensor(20.0),
     }
     m = moe_metrics(stats, CFG)
+    assert m["moe/layer1/tokens"].tolist() == [10.0, 30.0, 20.0, 20.0]
     assert m["moe/layer1/load_max"].item() == pytest.approx(1.5)  # 30 of 80 over a uniform 20
     assert m["moe/layer1/load_min"].item() == pytest.approx(0.5)
     assert m["moe/layer3/load_max"].item() == pytest.approx(1.0)

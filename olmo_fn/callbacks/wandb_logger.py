@@ -37,7 +37,8 @@ class WandbObserver(Observer):
 
     def on_step(self, view: StateView, metrics: dict[str, Any]) -> None:
         step = metrics.pop("step")
-        self.run.log(metrics, step=step)
+        # numbers only, as TensorBoard: lists (an MoE layer's tokens per expert) stay in metrics.jsonl
+        self.run.log({k: v for k, v in metrics.items() if not isinstance(v, list)}, step=step)
 
     def on_checkpoint(self, step: int, path: Path) -> None:
         self.run.summary["last_checkpoint"] = str(path)

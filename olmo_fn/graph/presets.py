@@ -75,7 +75,8 @@ PRESETS: dict[str, ModelConfig] = {
         moe=MoeConfig(n_experts=64, top_k=8, hidden=1024, lb_loss=0.01, router_z_loss=0.001),
     ),
     # olmo2-tiny with 8 experts of width 192, 2 per token: the same active parameters as olmo2-tiny
-    # (plus each layer's 8 x 128 router), 4x its feed-forward parameters in all.
+    # (plus each layer's 8 x 128 router), 4x its feed-forward parameters in all; balanced by the
+    # load-balancing loss and an expert bias (without it, an expert can go idle in a short run).
     "olmoe-tiny": ModelConfig(
         d_model=128,
         n_layers=4,
@@ -83,7 +84,7 @@ PRESETS: dict[str, ModelConfig] = {
         n_kv_heads=4,
         mlp_hidden=384,
         vocab_size=384,
-        moe=MoeConfig(n_experts=8, top_k=2, hidden=192),
+        moe=MoeConfig(n_experts=8, top_k=2, hidden=192, bias_rate=0.003),
     ),
     "llama3-8b": ModelConfig(
         d_model=4096,

@@ -46,7 +46,8 @@ def moe_metrics(stats: dict[str, torch.Tensor], model: ModelConfig) -> dict[str,
     ``moe/lb_loss`` and ``moe/router_z_loss`` (unweighted, per token, mean over layers),
     ``moe/load_max`` / ``moe/load_min`` (the busiest / idlest expert's assignments over the uniform
     share, over all layers), ``moe/dropped`` (fraction of assignments dropped); per layer
-    ``moe/layer{i}/load_max`` and ``load_min``."""
+    ``moe/layer{i}/load_max`` and ``load_min``, and ``moe/layer{i}/tokens`` (n_experts,): the
+    assignments each expert got (a list in metrics.jsonl; the scalar loggers skip it)."""
     layers = sorted({int(key.split("/")[0]) for key in stats})
     if not layers:
         return {}
@@ -58,6 +59,7 @@ def moe_metrics(stats: dict[str, torch.Tensor], model: ModelConfig) -> dict[str,
         lb.append(s["lb_sum"] / tokens)
         rz.append(s["router_z_sum"] / tokens)
         load = s["expert_tokens"] / (s["expert_tokens"].sum().clamp(min=1) / model.moe.n_experts)
+        metrics[f"moe/layer{layer}/tokens"] = s["expert_tokens"]
         metrics[f"moe/layer{layer}/load_max"] = load.max()
         metrics[f"moe/layer{layer}/load_min"] = load.min()
         ratios_max.append(load.max())
