@@ -46,10 +46,14 @@ class PlanCommand(TrainConfig):
             raise ConfigError(f"world_size={self.world_size} must be >= 1")
 
 
-def local_shape(shape: tuple[int, ...], rule: Rule, mesh: MeshShape) -> tuple[int, ...]:
-    """The shape of rank 0's shard (the largest: DTensor gives the first ranks the larger pieces)."""
+def local_shape(
+    shape: tuple[int, ...], rule: Rule, mesh: MeshShape, *, compute: bool = False
+) -> tuple[int, ...]:
+    """The shape of rank 0's shard (the largest: DTensor gives the first ranks the larger pieces), as
+    stored, or in its compute layout (e.g. the tp shard, or an ep rank's experts)."""
     local = list(shape)
-    for placement, size in zip(rule.placements, mesh.sizes, strict=True):
+    placements = rule.compute_placements if compute else rule.placements
+    for placement, size in zip(placements, rule.axis_sizes(mesh), strict=True):
         if isinstance(placement, Shard) and size > 1:
             local[placement.dim] = math.ceil(local[placement.dim] / size)
     return tuple(local)
@@ -69,9 +73,7 @@ def rank_bytes(model: ModelConfig, plan: Plan, mesh: MeshShape, paths: list[str]
         gathered = 0
         for path, shape in shapes.items():
             if path.startswith(prefix):
-                tp_split = rules[path].tp
-                divisor = mesh.tp if isinstance(tp_split, Shard) else 1
-                gathered += math.prod(shape) // divisor
+                gathered += math.prod(local_shape(shape, rules[path], mesh, compute=True))
         block = max(block, compute_bytes * gathered)
     return {
         "parameters": params,
@@ -148,7 +150,8 @@ def plan_report(cmd: PlanCommand) -> dict[str, Any]:
     report = {
         "preset": cmd.preset,
         "world_size": shape.world,
-        "mesh": dict(zip(MESH_AXES, shape.mesh_sizes, strict=True)),
+        "mesh": dict(zip(MESH_AXES, shape.mesh_sizes, strict=True))
+        | ({"ep": shape.ep} if shape.ep > 1 else {}),
         "micro_batch_per_rank": per_rank_micro,
         "bytes_per_rank": held,
         "total_bytes_per_rank": sum(held.values()),
@@ -173,7 +176,9 @@ def plan_report(cmd: PlanCommand) -> dict[str, Any]:
 def format_report(report: dict[str, Any], as_json: bool) -> str:
     if as_json:
         return orjson.dumps({k: v for k, v in report.items() if k != "table"}).decode()
-    shape = " x ".join(f"{k} {v}" for k, v in report["mesh"].items())
+    mesh = dict(report["mesh"])
+    ep = mesh.pop("ep", 1)  # a factor of dp_shard, not of the world
+    shape = " x ".join(f"{k} {v}" for k, v in mesh.items()) + (f"; ep {ep} within dp_shard" if ep > 1 else "")
     lines = [f"{report['preset']} on {report['world_size']} processes ({shape})", "", report["table"], ""]
     if "pipeline" in report:
         lines.append(f"pipeline stages ({report['pipeline']['schedule']}):")

@@ -54,7 +54,8 @@ class Layout:
     """Where this process sits: the mesh, its shape, and the groups the train step talks over.
 
     `mesh` is the placement mesh (`AXES`, over this rank's pipeline stage: ``dp_shard`` there is the
-    flattened ``dp_shard × cp``); `full_mesh` has every axis of `MESH_AXES`.
+    flattened ``dp_shard × cp``); `full_mesh` has every axis of `MESH_AXES`; under expert parallelism,
+    `expert_mesh` places the experts (`EXPERT_AXES`: dp_shard split into ``dp_shard / ep × ep``).
     """
 
     full_mesh: DeviceMesh
@@ -71,6 +72,18 @@ class Layout:
         sizes = (s.pp, s.dp_replicate, s.dp_shard * s.cp, s.tp)
         return init_device_mesh(self.full_mesh.device_type, sizes, mesh_dim_names=names)[names[1:]]
 
+    @functools.cached_property
+    def expert_mesh(self) -> DeviceMesh | None:
+        """dp_replicate × (dp_shard / ep) × ep × tp, over the same ranks as `mesh` (a rank's dp_shard
+        coordinate is ``its dp_shard / ep coordinate × ep + its ep coordinate``); None when ep is 1."""
+        s = self.shape
+        if s.ep == 1:
+            return None
+        names = ("pp", "dp_replicate", "dp_shard_mod_ep", "ep", "cp", "tp")
+        sizes = (s.pp, s.dp_replicate, s.dp_shard // s.ep, s.ep, s.cp, s.tp)
+        mesh = init_device_mesh(self.full_mesh.device_type, sizes, mesh_dim_names=names)
+        return mesh["dp_replicate", "dp_shard_mod_ep", "ep", "tp"]
+
     def _coordinate(self, axis: str) -> int:
         return self.full_mesh.get_coordinate()[MESH_AXES.index(axis)]
 
@@ -86,6 +99,15 @@ class Layout:
     @property
     def cp_rank(self) -> int:
         return self._coordinate("cp")
+
+    @property
+    def ep_rank(self) -> int:
+        """This rank's index among the expert-parallel ranks (which experts it runs)."""
+        return self._coordinate("dp_shard") % self.shape.ep
+
+    @property
+    def ep_group(self) -> dist.ProcessGroup:
+        return self.expert_mesh.get_group("ep")
 
     @property
     def pp_rank(self) -> int:

@@ -5,7 +5,9 @@ slice of the layers), data-parallel replicas (HSDP's outer axis), data-parallel 
 parameters, gradients and optimizer moments sharded across them), context parallelism (each rank
 holds a load-balanced slice of every sequence; parameters are sharded over it too, like FSDP), and
 tensor parallelism (heads, MLP hidden units and the vocabulary split; the sequence split between the
-matmuls). Every problem is named before any process group starts.
+matmuls). Expert parallelism (``ep``) is not a factor of the world: it is carved out of ``dp_shard``
+(``dp_shard = dp_shard / ep × ep``, ep innermost), so each ep rank still reads its own rows of the
+batch, and holds the experts of its ep index. Every problem is named before any process group starts.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ AXES = ("dp_replicate", "dp_shard", "tp")
 """The axes a parameter is placed over. Context-parallel ranks shard parameters like data-parallel
 shards, so the ``dp_shard`` placement axis spans ``dp_shard × cp``; pipeline stages are not
 placements (a stage holds its layers whole)."""
+EXPERT_AXES = ("dp_replicate", "dp_shard", "ep", "tp")
+"""The axes an expert-parallel parameter (``*.feed_forward.experts.*``) is placed over: ``dp_shard`` there
+is the ``dp_shard / ep`` ranks that hold the same experts, ``ep`` the ranks holding different ones."""
 
 PP_SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "looped-bfs", "interleaved-zb", "zbv")
 """Pipeline schedules by name (torch.distributed.pipelining); the last four run several stages per rank."""
@@ -54,6 +59,10 @@ class ParallelConfig:
     pp_stages_per_rank: int = 0
     """Stages each pipeline rank runs (interleaved schedules: 2 or more); 0: 1 for gpipe and 1f1b, 2 for
     the others."""
+    ep: int = 1
+    """Expert-parallel ranks: the experts of every MoE layer are split over them (each runs its own
+    n_experts / ep experts, for every ep rank's tokens, sent there and back by an all-to-all). Carved out
+    of dp_shard (ep must divide it): each ep rank still trains rows of its own."""
     collective_timeout_s: float = 600.0
     """How long a collective waits for a rank that does not come (hung, or gone without the launcher
     noticing) before it fails, and the run with it. torchrun stops every rank within seconds of one
@@ -63,10 +72,10 @@ class ParallelConfig:
     @property
     def splits_work(self) -> bool:
         """Whether this config asks for more than one process's share (any axis above 1)."""
-        return any(getattr(self, a) > 1 for a in ("dp_replicate", "dp_shard", "tp", "cp", "pp"))
+        return any(getattr(self, a) > 1 for a in ("dp_replicate", "dp_shard", "tp", "cp", "pp", "ep"))
 
     def __post_init__(self) -> None:
-        for name in ("dp_replicate", "tp", "cp", "pp"):
+        for name in ("dp_replicate", "tp", "cp", "pp", "ep"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"parallel.{name}={getattr(self, name)} must be >= 1")
         if not self.collective_timeout_s > 0:
@@ -102,11 +111,18 @@ class MeshShape:
     tp: int
     cp: int = 1
     pp: int = 1
+    ep: int = 1
+    """Expert-parallel ranks, a factor of dp_shard (not of the world)."""
 
     @property
     def sizes(self) -> tuple[int, int, int]:
         """Sizes of the placement axes, in `AXES` order (parameters are sharded over dp_shard x cp)."""
         return (self.dp_replicate, self.dp_shard * self.cp, self.tp)
+
+    @property
+    def expert_sizes(self) -> tuple[int, int, int, int]:
+        """Sizes of the expert placement axes, in `EXPERT_AXES` order (dp_shard / ep, then ep)."""
+        return (self.dp_replicate, self.dp_shard // self.ep, self.ep, self.tp)
 
     @property
     def mesh_sizes(self) -> tuple[int, ...]:
@@ -123,7 +139,8 @@ class MeshShape:
         return self.dp_replicate * self.dp_shard
 
     def __str__(self) -> str:
-        return " x ".join(f"{name} {size}" for name, size in zip(MESH_AXES, self.mesh_sizes, strict=True))
+        text = " x ".join(f"{name} {size}" for name, size in zip(MESH_AXES, self.mesh_sizes, strict=True))
+        return text + (f" (ep {self.ep} within dp_shard)" if self.ep > 1 else "")
 
 
 def resolve_mesh_shape(cfg: ParallelConfig, world: int) -> MeshShape:
@@ -133,8 +150,8 @@ def resolve_mesh_shape(cfg: ParallelConfig, world: int) -> MeshShape:
     if cfg.dp_shard == -1:
         if world % fixed:
             raise ConfigError(f"{named} = {fixed} does not divide the world size {world}")
-        return MeshShape(cfg.dp_replicate, world // fixed, cfg.tp, cfg.cp, cfg.pp)
-    shape = MeshShape(cfg.dp_replicate, cfg.dp_shard, cfg.tp, cfg.cp, cfg.pp)
+        return MeshShape(cfg.dp_replicate, world // fixed, cfg.tp, cfg.cp, cfg.pp, cfg.ep)
+    shape = MeshShape(cfg.dp_replicate, cfg.dp_shard, cfg.tp, cfg.cp, cfg.pp, cfg.ep)
     if shape.world != world:
         raise ConfigError(
             f"{named} x dp_shard={cfg.dp_shard} = {shape.world}, but the world size is {world} "
@@ -182,6 +199,7 @@ def parallel_problems(
             f"micro_batch_size={micro_batch} does not divide the {global_batch // shape.dp} instances each "
             f"data-parallel rank gets per step (global_batch_size={global_batch} / {shape.dp})"
         )
+    problems += expert_parallel_problems(shape, model)
     if pp > 1:
         problems += pipeline_problems(
             shape,
@@ -190,6 +208,35 @@ def parallel_problems(
             micro_batch=micro_batch,
             schedule=pp_schedule,
             stages_per_rank=stages_per_rank,
+        )
+    return problems
+
+
+def expert_parallel_problems(shape: MeshShape, model: ModelConfig) -> list[str]:
+    """Why the experts cannot be split over ``shape.ep`` ranks (empty when ep is 1 or it fits)."""
+    ep = shape.ep
+    if ep == 1:
+        return []
+    moe = model.moe
+    if not any(moe.is_moe_layer(i) for i in range(model.n_layers)):
+        return [f"parallel.ep={ep} needs an MoE model (model.moe.n_experts > 0 with an MoE layer)"]
+    problems = []
+    if moe.n_experts % ep:
+        problems.append(f"parallel.ep={ep} does not divide model.moe.n_experts={moe.n_experts}")
+    if shape.dp_shard % ep:
+        problems.append(
+            f"parallel.ep={ep} does not divide the data-parallel shard degree dp_shard={shape.dp_shard} "
+            "(expert-parallel ranks are carved out of dp_shard)"
+        )
+    for axis in ("tp", "cp", "pp"):
+        if getattr(shape, axis) > 1:
+            problems.append(
+                f"parallel.ep={ep} with parallel.{axis}={getattr(shape, axis)} is not supported yet"
+            )
+    if moe.capacity_factor:
+        problems.append(
+            f"parallel.ep={ep} with model.moe.capacity_factor={moe.capacity_factor} is not supported yet "
+            "(expert parallelism is dropless: set it to 0)"
         )
     return problems
 

@@ -63,23 +63,29 @@ class Sharding:
 
     @functools.cached_property
     def block_rules(self) -> dict[str, Rule]:
-        """The rules of one block by path inside it (every block has the same), shared by all blocks:
-        a compiled block function then sees the same arguments for every layer and compiles once."""
-        layers = sorted({int(p.split(".")[1]) for p in self.rules if p.startswith("blocks.")})
-        prefix = f"blocks.{layers[0]}." if layers else "blocks.0."
-        first = {p.removeprefix(prefix): r for p, r in self.rules.items() if p.startswith(prefix)}
+        """The rules of a block by path inside it (the same for every block that has the path: an MoE
+        layer's and a dense layer's feed-forwards differ), shared by all blocks: a compiled block
+        function then sees the same arguments for every layer and compiles once."""
+        inside: dict[str, tuple[str, Rule]] = {}
         for path, rule in self.rules.items():
             if path.startswith("blocks."):
                 inner = path.split(".", 2)[2]
-                if first.get(inner) != rule:
-                    raise ConfigError(f"plan: {path} is placed unlike the same parameter of {prefix[:-1]}")
-        return first
+                first, seen = inside.setdefault(inner, (path, rule))
+                if seen != rule:
+                    raise ConfigError(f"plan: {path} is placed unlike {first}")
+        return {inner: rule for inner, (_, rule) in inside.items()}
 
     @functools.cached_property
     def tp(self) -> AxisGroup | None:
         """The tensor-parallel group; None without tensor parallelism."""
         shape = self.layout.shape
         return AxisGroup(self.layout.tp_group, self.layout.tp_rank, shape.tp) if shape.tp > 1 else None
+
+    @functools.cached_property
+    def ep(self) -> AxisGroup | None:
+        """The expert-parallel group; None without expert parallelism."""
+        shape = self.layout.shape
+        return AxisGroup(self.layout.ep_group, self.layout.ep_rank, shape.ep) if shape.ep > 1 else None
 
     @functools.cached_property
     def cp(self) -> AxisGroup | None:
@@ -173,18 +179,22 @@ def loss_sum(value: torch.Tensor, sharding: Sharding | None) -> torch.Tensor:
 def global_grad_norm(grads: list[DTensor], sharding: Sharding) -> torch.Tensor:
     """The L2 norm of all gradients together, each element counted once across the mesh.
 
-    Each rank sums the squares of its local shards, grouped by the mesh axes a gradient is sharded
-    over; each group's sum is all-reduced over exactly those axes (replicated axes hold copies).
+    Each rank sums the squares of its local shards, grouped by the mesh (the placement mesh, or the
+    expert mesh) and its axes a gradient is sharded over; each group's sum is all-reduced over exactly
+    those axes (replicated axes hold copies). Every rank issues the same collectives in the same order.
     """
-    mesh = sharding.layout.mesh
-    by_axes: dict[tuple[int, ...], torch.Tensor] = {}
+    by_axes: dict[tuple[tuple[str, ...], tuple[int, ...]], torch.Tensor] = {}
+    meshes = {}
     for grad in grads:
         local = grad.to_local()
         wide = local.to(torch.promote_types(local.dtype, torch.float32))
         axes = tuple(i for i, p in enumerate(grad.placements) if isinstance(p, Shard))
-        by_axes[axes] = by_axes.get(axes, 0) + wide.pow(2).sum()
+        key = (grad.device_mesh.mesh_dim_names, axes)
+        meshes[key[0]] = grad.device_mesh
+        by_axes[key] = by_axes.get(key, 0) + wide.pow(2).sum()
     total = None
-    for axes, squares in sorted(by_axes.items()):
+    for (names, axes), squares in sorted(by_axes.items()):
+        mesh = meshes[names]
         for axis in axes:
             if mesh.size(axis) > 1:
                 dist.all_reduce(squares, group=mesh.get_group(axis))

@@ -17,6 +17,15 @@ Context-parallel ranks shard parameters like data-parallel shards do: the ``dp_s
 spans ``dp_shard × cp`` (FSDP over both; their gradients are partial sums alike). Pipeline stages are not a
 placement: each stage's ranks place only the parameters of the layers it runs (`stage_plan`).
 
+Expert parallelism: a rule with an ``ep`` placement places on the expert mesh (`EXPERT_AXES`:
+``dp_replicate × dp_shard / ep × ep × tp``). The experts (``*.feed_forward.experts.*``, stacked on dim 0)
+are stored Shard(0) over ``ep`` (each ep rank its n_experts / ep experts) and Shard(1) over the other
+``dp_shard / ep`` ranks (FSDP within the experts' replicas); their compute layout is gathered over
+``dp_shard / ep`` and keeps Shard(0) over ``ep``: a rank computes only its own experts, for every ep
+rank's tokens (`olmo_fn.parallelize.expert_parallel`). Their gradient is therefore complete over ``ep``
+(Shard(0): the all-to-all's backward brought every ep rank's contributions to the owner) and partial
+over ``dp_replicate`` and ``dp_shard / ep``, the replicas holding the same experts that saw other rows.
+
 For FSDP x TP the data-parallel shard of a tensor-parallel matrix is taken along the *other*
 dimension (rows for TP's columns), so gathering over ``dp_shard`` yields exactly the TP shard.
 """
@@ -35,30 +44,49 @@ from torch.distributed.tensor import Partial, Placement, Replicate, Shard, distr
 from olmo_fn.errors import ConfigError
 from olmo_fn.graph.config import ModelConfig
 from olmo_fn.graph.param_tree import flatten, param_shapes, unflatten
-from olmo_fn.parallelize.parallel_config import AXES, MeshShape
+from olmo_fn.parallelize.parallel_config import AXES, EXPERT_AXES, MeshShape
 
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-    """Parameters whose dotted path matches `pattern` are stored with these placements."""
+    """Parameters whose dotted path matches `pattern` are stored with these placements; with an `ep`
+    placement, on the expert mesh (`EXPERT_AXES`, where `dp_shard` is over dp_shard / ep ranks)."""
 
     pattern: str
     dp_shard: Placement = Replicate()
     tp: Placement = Replicate()
     dp_replicate: Placement = Replicate()
+    ep: Placement | None = None
+
+    @property
+    def axes(self) -> tuple[str, ...]:
+        """The placement axes: `AXES`, or `EXPERT_AXES` for an expert-parallel rule."""
+        return AXES if self.ep is None else EXPERT_AXES
+
+    def _per_axis(self, replicas: Placement, tp: Placement) -> tuple[Placement, ...]:
+        return (replicas, replicas, tp) if self.ep is None else (replicas, replicas, self.ep, tp)
 
     @property
     def placements(self) -> tuple[Placement, ...]:
-        """Stored placements, one per axis in `AXES` order."""
-        return (self.dp_replicate, self.dp_shard, self.tp)
+        """Stored placements, one per axis of `axes`."""
+        if self.ep is None:
+            return (self.dp_replicate, self.dp_shard, self.tp)
+        return (self.dp_replicate, self.dp_shard, self.ep, self.tp)
 
     @property
     def compute_placements(self) -> tuple[Placement, ...]:
-        return (Replicate(), Replicate(), self.tp)
+        """Replicated over the data-parallel axes; on ``ep`` and ``tp`` as stored."""
+        return self._per_axis(Replicate(), self.tp)
 
     @property
     def grad_placements(self) -> tuple[Placement, ...]:
-        return (Partial(), Partial(), self.tp if isinstance(self.tp, Shard) else Partial())
+        """Partial over the data-parallel axes; on ``ep`` as stored (the owner's gradient is whole);
+        on ``tp`` the stored shard, else partial."""
+        return self._per_axis(Partial(), self.tp if isinstance(self.tp, Shard) else Partial())
+
+    def axis_sizes(self, shape: MeshShape) -> tuple[int, ...]:
+        """The size of each of `axes` on `shape`."""
+        return shape.sizes if self.ep is None else shape.expert_sizes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +133,8 @@ HEAD_NORMS = ("*.attention.q_norm", "*.attention.k_norm")
 """QK-norm weights, split like the heads they scale (the norm's statistics still span all heads)."""
 VOCAB = ("embeddings", "lm_head.w_out")
 """Split by vocabulary rows (vocabulary-parallel embedding and loss)."""
+EXPERTS = "*.feed_forward.experts.*"
+"""The stacked experts of MoE layers, (n_experts, ...): split by expert over ``ep``."""
 
 
 def default_plan(model: ModelConfig, shape: MeshShape, *, compute_dtype: torch.dtype = torch.float32) -> Plan:
@@ -112,10 +142,14 @@ def default_plan(model: ModelConfig, shape: MeshShape, *, compute_dtype: torch.d
     reduced in at least fp32.
 
     Every parameter is sharded over ``dp_shard × cp`` (dim 0, or dim 1 where ``tp`` already splits
-    dim 0) and replicated over ``dp_replicate``. Rules are listed only for parameters `model` has.
+    dim 0) and replicated over ``dp_replicate``; under expert parallelism the experts are split by
+    expert over ``ep`` and by dim 1 over the other dp_shard / ep ranks. Rules are listed only for
+    parameters `model` has.
     """
     tp = shape.tp > 1
     rules = []
+    if shape.ep > 1:
+        rules.append(Rule(EXPERTS, dp_shard=Shard(1), ep=Shard(0)))
     if tp:
         rules += [Rule(p, dp_shard=Shard(1), tp=Shard(0)) for p in COLUMN_WISE]
         rules += [Rule(p, dp_shard=Shard(0), tp=Shard(1)) for p in ROW_WISE]
@@ -127,8 +161,11 @@ def default_plan(model: ModelConfig, shape: MeshShape, *, compute_dtype: torch.d
     return Plan(tuple(rules), compute_dtype=compute_dtype, reduce_dtype=reduce_dtype)
 
 
-def apply_plan(params: TensorDict | Mapping, plan: Plan, mesh: DeviceMesh) -> TensorDict:
-    """The same tree with every leaf a DTensor placed as its rule says (leaves keep requires_grad).
+def apply_plan(
+    params: TensorDict | Mapping, plan: Plan, mesh: DeviceMesh, expert_mesh: DeviceMesh | None = None
+) -> TensorDict:
+    """The same tree with every leaf a DTensor placed as its rule says (leaves keep requires_grad):
+    on `mesh`, or for an expert-parallel rule on `expert_mesh` (`olmo_fn.parallelize.mesh.Layout`).
 
     Every process must pass the same full values (olmo_fn's init is deterministic per path, and a
     template's values do not matter); each keeps only its shard, without communication.
@@ -137,7 +174,11 @@ def apply_plan(params: TensorDict | Mapping, plan: Plan, mesh: DeviceMesh) -> Te
     rules = plan.rules_by_path(list(flat))
     placed = {}
     for path, tensor in flat.items():
-        dtensor = distribute_tensor(tensor.detach(), mesh, rules[path].placements, src_data_rank=None)
+        rule = rules[path]
+        on = mesh if rule.ep is None else expert_mesh
+        if on is None:
+            raise ConfigError(f"plan: {path} is placed over ep, but no expert mesh was given")
+        dtensor = distribute_tensor(tensor.detach(), on, rule.placements, src_data_rank=None)
         placed[path] = dtensor.requires_grad_(tensor.requires_grad)
     return unflatten(placed)
 
@@ -149,17 +190,49 @@ def _show(placement: Placement) -> str:
 
 
 def plan_table(plan: Plan, model: ModelConfig, shape: MeshShape) -> str:
-    """The plan as a text table: each rule, its placement per axis, and how many parameters it places."""
+    """The plan as a text table: each rule, its placement per axis, and how many parameters it places.
+
+    Under expert parallelism an ``ep`` column shows the expert rules' split (``-`` for the others,
+    whose dp_shard spans the ep ranks), and a line per expert rule its stored, compute and gradient
+    placements on `EXPERT_AXES`."""
     rules = plan.rules_by_path(list(param_shapes(model)))
     counts = {rule: sum(1 for r in rules.values() if r == rule) for rule in plan.rules}
     axes = [axis if axis != "dp_shard" or shape.cp == 1 else "dp_shard x cp" for axis in AXES]
-    header = ("rule", *(f"{axis} ({size})" for axis, size in zip(axes, shape.sizes, strict=True)), "params")
-    rows = [header] + [
-        (rule.pattern, *(_show(p) for p in rule.placements), str(counts[rule])) for rule in plan.rules
-    ]
+    sizes = list(shape.sizes)
+    if shape.ep > 1:
+        axes.insert(2, "ep")
+        sizes.insert(2, shape.ep)
+
+    def cells(rule: Rule) -> tuple[str, ...]:
+        shown = [_show(p) for p in rule.placements]
+        if shape.ep > 1 and rule.ep is None:
+            shown.insert(2, "-")
+        elif rule.ep is not None:
+            shown[1] += f" over {shape.expert_sizes[1]}"
+        return tuple(shown)
+
+    header = ("rule", *(f"{axis} ({size})" for axis, size in zip(axes, sizes, strict=True)), "params")
+    rows = [header] + [(rule.pattern, *cells(rule), str(counts[rule])) for rule in plan.rules]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     dtypes = f"compute {str(plan.compute_dtype).removeprefix('torch.')}, "
     dtypes += f"gradient reduction {str(plan.reduce_dtype).removeprefix('torch.')}"
-    return "\n".join([*lines, dtypes])
+    lines.append(dtypes)
+    if shape.ep > 1:
+        replicas = shape.expert_sizes[1]
+        lines += [
+            f"expert parallel: ep {shape.ep} of the dp_shard {shape.dp_shard} ranks hold different experts; "
+            f"an expert rule's dp_shard is over the dp_shard / ep = {replicas} ranks holding the same ones",
+            "placements per axis (dp_replicate, dp_shard / ep, ep, tp):",
+        ]
+        show = lambda placements: ", ".join(map(_show, placements))  # noqa: E731
+        for rule in plan.rules:
+            if rule.ep is not None:
+                lines += [
+                    f"  {rule.pattern}",
+                    f"    stored    {show(rule.placements)}",
+                    f"    compute   {show(rule.compute_placements)}   (each ep rank its own experts)",
+                    f"    gradient  {show(rule.grad_placements)}   (summed over the replicas of each expert)",
+                ]
+    return "\n".join(lines)

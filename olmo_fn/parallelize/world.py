@@ -77,7 +77,8 @@ class World:
         process passes the same full values (a deterministic init, or a template about to be loaded)."""
         flat = flatten(state.params)
         held = unflatten({path: flat[path] for path in self.sharding.rules})
-        params = apply_plan(held, self.sharding.plan, self.sharding.layout.mesh)
+        layout = self.sharding.layout
+        params = apply_plan(held, self.sharding.plan, layout.mesh, layout.expert_mesh)
         return dataclasses.replace(state, params=params, opt_state=zeros_like_state(state.opt_state, params))
 
     def broadcast(self, value: object) -> object:
