@@ -182,14 +182,16 @@ def test_expert_bias_steers_the_choice_not_the_weights(gen):
     assert sorted(set(favoured.reshape(-1).tolist())) == [0, 3]
 
 
-def test_step_moves_expert_biases_by_the_sign_of_the_load_and_never_by_the_optimizer(gen):
+@pytest.mark.parametrize("optimizer", ["adamw", "lion", "muon"])
+def test_step_moves_expert_biases_by_the_sign_of_the_load_and_never_by_the_optimizer(gen, optimizer):
     """After one update (weight decay on) each bias is exactly its old value + bias_rate ·
-    sign(mean load − load), the loads those of the step's batch; the other parameters did move."""
+    sign(mean load − load), the loads those of the step's batch; the other parameters did move
+    (the experts' 3-D stacks by AdamW's rule under Muon, the router as a Muon matrix)."""
     from olmo_fn.state.train_state import TrainState
     from olmo_fn.state.train_step import make_train_step
 
     model = dataclasses.replace(CFG, moe=dataclasses.replace(MOE, bias_rate=0.05))
-    s = dataclasses.replace(settings(model), optim=OptimConfig(lr=1e-2, weight_decay=0.1))
+    s = dataclasses.replace(settings(model), optim=OptimConfig(name=optimizer, lr=1e-2, weight_decay=0.1))
     params = params64(model)
     with torch.no_grad():
         for layer in (1, 3):
@@ -212,6 +214,9 @@ def test_step_moves_expert_biases_by_the_sign_of_the_load_and_never_by_the_optim
         assert torch.equal(after[path], expected), (after[path], expected)
     assert not torch.equal(after["blocks.1.feed_forward.router"], before["blocks.1.feed_forward.router"])
     assert not torch.equal(after["blocks.0.feed_forward_norm"], before["blocks.0.feed_forward_norm"])
+    assert not torch.equal(
+        after["blocks.3.feed_forward.experts.w2"], before["blocks.3.feed_forward.experts.w2"]
+    )
 
 
 def test_next_steps_offer_convert_only_where_transformers_has_the_model(tmp_path):

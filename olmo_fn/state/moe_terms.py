@@ -81,7 +81,8 @@ def is_expert_bias(path: str) -> bool:
 
 
 def without_expert_biases(tree: Any, model: ModelConfig) -> Any:
-    """`tree` (the same tensors) without its expert biases: what the optimizer updates."""
+    """`tree` (the same tensors, updated in place through it) without its expert biases: the
+    parameters and optimizer state the optimizer updates."""
     if not model.moe.bias_rate:
         return tree
     return unflatten({path: t for path, t in flatten(tree).items() if not is_expert_bias(path)})

@@ -345,7 +345,7 @@ def make_train_step(settings: StepSettings, sharding: Sharding | None = None) ->
             optimizer_update(
                 without_expert_biases(params, settings.model),
                 dict(zip(paths, grads, strict=True)),
-                opt_state,
+                without_expert_biases(opt_state, settings.model),
                 step=state.step + 1,
                 lr=lr,
                 cfg=settings.optim,
