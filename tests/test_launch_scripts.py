@@ -31,14 +31,16 @@ def test_bench_h100_script_rows_are_valid_bench_commands():
     script = ROOT / "experiments/bench_h100.sh"
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
     text = script.read_text()
-    env = dict(re.findall(r'^(ONE_B|SMALL)="([^"]*)"', text, re.M))
+    env = dict(re.findall(r'^(ONE_B|SMALL|MOE)="([^"]*)"', text, re.M))
     rows = re.findall(r'^  "([\w-]+)\|([^"]*)"$', text, re.M)
-    assert len(rows) == 12
+    assert len(rows) == 13
     for name, args in rows:
-        args = args.replace("$ONE_B", env["ONE_B"]).replace("$SMALL", env["SMALL"]).replace("$OUT", "out")
+        for variable in ("ONE_B", "SMALL", "MOE"):
+            args = args.replace(f"${variable}", env[variable])
+        args = args.replace("$OUT", "out")
         cfg = parse(["bench", *shlex.split(args)])
         assert isinstance(cfg, BenchConfig) and cfg.seq_len == 4096, name
-        assert cfg.preset in ("olmo2-1b", "olmo2-190m"), name
+        assert cfg.preset in ("olmo2-1b", "olmo2-190m", "olmoe-1b-7b"), name
 
 
 def test_bench_h100_script_cpu_variant_runs(tmp_path):
@@ -59,9 +61,11 @@ def test_bench_h100_script_cpu_variant_runs(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert len(rows) == 12 and not [r for r in rows if r.get("failed")], rows
+    assert len(rows) == 13 and not [r for r in rows if r.get("failed")], rows
     by_name = {r["row"]: r["result"] for r in rows}
     assert by_name["1b-fp8-tensorwise"]["fp8"] == "tensorwise (emulated)"
     assert by_name["1b-bf16-ac-selective"]["ac"] == "selective"
+    moe = by_name["moe-olmoe-4-layers-bf16"]  # olmoe-tiny on a CPU
+    assert (moe["n_experts"], moe["top_k"]) == (8, 2) and moe["active_params"] < moe["params"]
     assert all(r["result"]["peak_mem_gib"] > 0 and r["result"]["tokens_per_s"] > 0 for r in rows)
     assert (out / "profile-1b-bf16" / "profile.txt").read_text().count("aten::mm") >= 1
