@@ -131,14 +131,20 @@ class BenchConfig:
             raise ConfigError(f"bench.warmup={self.warmup} must be between 1 and steps-1={self.steps - 1}")
 
 
-def _moe_figures(model: ModelConfig, metrics: dict[str, Any]) -> dict[str, Any]:
-    """An MoE model's routing and the last step's expert load ({} for a dense model)."""
+def _moe_figures(
+    model: ModelConfig, metrics: dict[str, Any], dtype: torch.dtype, device: torch.device
+) -> dict[str, Any]:
+    """An MoE model's routing, how its experts ran, and the last step's expert load ({} for a dense
+    model)."""
     if not model.moe.enabled:
         return {}
+    from olmo_fn.graph.moe import experts_path
+
+    like = torch.empty(0, dtype=dtype, device=device)
     return {
         "n_experts": model.moe.n_experts,
         "top_k": model.moe.top_k,
-        "experts_impl": model.moe.implementation,
+        "experts": experts_path(model.moe, like, model.d_model),
         "load_max": round(float(metrics["moe/load_max"]), 4),
         "load_min": round(float(metrics["moe/load_min"]), 4),
     }
@@ -333,7 +339,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         "preset": cfg.preset,
         "params": count_params(cfg.model),
         "active_params": active_params(cfg.model),
-        **_moe_figures(cfg.model, metrics),
+        **_moe_figures(cfg.model, metrics, dtype, device),
         "seq_len": cfg.seq_len,
         "micro_batch_size": cfg.micro_batch_size,
         "grad_accum": cfg.grad_accum,

@@ -97,6 +97,16 @@ def grouped_available(x: torch.Tensor, moe: MoeConfig, d_model: int) -> bool:
     return x.device.type == "cpu"
 
 
+def experts_path(moe: MoeConfig, x: torch.Tensor, d_model: int) -> str:
+    """How `moe_feed_forward` computes the experts for inputs like x: ``capacity``, ``grouped`` or
+    ``loop``."""
+    if moe.capacity_factor:
+        return "capacity"
+    if moe.implementation == "auto":
+        return "grouped" if grouped_available(x, moe, d_model) else "loop"
+    return moe.implementation
+
+
 def expert_rows_grouped(p: Mapping[str, Any], xs: torch.Tensor, counts: torch.Tensor, act) -> torch.Tensor:
     """Each expert's gated MLP on its rows of xs (N, d_model), sorted by expert with ``counts[e]`` rows
     for expert e: three grouped GEMMs."""
@@ -163,9 +173,7 @@ def moe_feed_forward(
     act = GATES[activation]
     capacity = moe.capacity(flat.shape[0])
     if capacity is None:
-        grouped = moe.implementation == "grouped" or (
-            moe.implementation == "auto" and grouped_available(flat, moe, shape[-1])
-        )
+        grouped = experts_path(moe, flat, shape[-1]) == "grouped"
         out = dropless_experts(p["experts"], flat, weights, experts, moe, act, grouped)
         dropped = torch.zeros((), device=x.device)
     else:

@@ -45,7 +45,7 @@ from olmo_fn.graph.moe import (
     balancing_sums,
     expert_rows_grouped,
     expert_rows_loop,
-    grouped_available,
+    experts_path,
     route,
 )
 from olmo_fn.graph.moe_config import MoeConfig
@@ -137,9 +137,7 @@ def expert_parallel_moe(ep: AxisGroup) -> MoeFn:
         if moe.capacity(flat.shape[0]) is not None:
             raise ConfigError("parallel.ep > 1 with model.moe.capacity_factor > 0 is not supported yet")
         weights, experts, logits = route(p["router"], flat, moe, p.get("expert_bias"))
-        grouped = moe.implementation == "grouped" or (
-            moe.implementation == "auto" and grouped_available(flat, moe, shape[-1])
-        )
+        grouped = experts_path(moe, flat, shape[-1]) == "grouped"
         act = GATES[activation]
         out = dispatched_experts(p["experts"], flat, weights, experts, moe, act, grouped, ep)
         if moe.shared_hidden:
