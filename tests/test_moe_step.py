@@ -228,3 +228,28 @@ def test_next_steps_offer_convert_only_where_transformers_has_the_model(tmp_path
     assert "convert to-hf" not in finished_summary(tmp_path, 1.0, PRESETS["olmoe-tiny"])
     assert "convert to-hf" in finished_summary(tmp_path, 1.0, PRESETS["olmoe-1b-7b"])
     assert "generate --checkpoint" in finished_summary(tmp_path, 1.0, PRESETS["olmoe-tiny"])
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        (["--parallel.ep", "3"], "parallel.ep=3 does not divide model.moe.n_experts=8"),
+        (["--preset", "olmo2-tiny", "--parallel.ep", "2"], "parallel.ep=2 needs an MoE model"),
+        (
+            ["--parallel.ep", "2", "--parallel.dp-shard", "1", "--parallel.dp-replicate", "4"],
+            "does not divide",
+        ),
+        (
+            ["--parallel.ep", "2", "--model.moe.capacity-factor", "1.25"],
+            "parallel.ep=2 with model.moe.capacity_factor=1.25 is not supported yet",
+        ),
+    ],
+)
+def test_expert_parallel_that_cannot_work_is_one_line(capsys, options, expected):
+    """`plan` names what expert parallel cannot do on 4 processes, before anything starts."""
+    argv = ["plan", "--preset", "olmoe-tiny", "--world-size", "4", *options]
+    if "--preset" in options:
+        argv = ["plan", "--world-size", "4", *options]
+    assert main(argv) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and expected in lines[0], lines

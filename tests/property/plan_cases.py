@@ -95,15 +95,40 @@ def cases(draw, world: int, shapes: list[MeshShape] | None = None) -> Case:
     rows = dp * draw(st.integers(1, 2))
     seq = tp * draw(st.integers(2, 5)) if shape.cp == 1 else 2 * shape.cp * tp * draw(st.integers(1, 3))
     micro = draw(st.sampled_from([r for r in (1, 2, rows) if (rows // dp) % r == 0 or r >= rows // dp]))
-    eos = 0
     eos_rate = draw(st.sampled_from([0.0, 0.15, 0.5]))  # one document per row / some / many short ones
+    tokens, seed = draw(token_batches(model, rows, seq, eos_rate))
+    settings = draw(
+        step_settings(
+            model,
+            micro,
+            # recomputation composes with every plan; zero-bubble pipeline schedules refuse it
+            ac=draw(st.sampled_from(["none", "full", "selective"])) if shape.pp == 1 else "none",
+            loss_chunk_tokens=draw(st.sampled_from([None, 3])) if shape.pp == 1 else None,
+        )
+    )
+    return Case(model, settings, tokens, EOS, shape, seed)
+
+
+EOS = 0
+"""The end-of-document token of every drawn batch."""
+
+
+@st.composite
+def token_batches(draw, model: ModelConfig, rows: int, seq: int, eos_rate: float):
+    """``(tokens, seed)``: one (rows, seq) batch per step, EOS at about `eos_rate` of the positions."""
     seed = draw(st.integers(0, 2**16))
     gen = np.random.default_rng(seed)
     tokens = tuple(
-        np.where(gen.random((rows, seq)) < eos_rate, eos, gen.integers(1, model.vocab_size, (rows, seq)))
+        np.where(gen.random((rows, seq)) < eos_rate, EOS, gen.integers(1, model.vocab_size, (rows, seq)))
         for _ in range(STEPS)
     )
-    settings = StepSettings(
+    return tokens, seed
+
+
+@st.composite
+def step_settings(draw, model: ModelConfig, micro: int, **fixed) -> StepSettings:
+    """float64 step settings with a drawn learning rate, z-loss, clipping and document masking."""
+    return StepSettings(
         model,
         OptimConfig(lr=draw(st.sampled_from([1e-3, 3e-2]))),
         ScheduleConfig(warmup_steps=1),
@@ -113,11 +138,8 @@ def cases(draw, world: int, shapes: list[MeshShape] | None = None) -> Case:
         z_loss=draw(st.sampled_from([0.0, 1e-3])),
         max_grad_norm=draw(st.sampled_from([None, 1.0, 1e-3])),  # 1e-3: clipping always acts
         document_masking=draw(st.booleans()),
-        # recomputation composes with every plan; zero-bubble pipeline schedules refuse it
-        ac=draw(st.sampled_from(["none", "full", "selective"])) if shape.pp == 1 else "none",
-        loss_chunk_tokens=draw(st.sampled_from([None, 3])) if shape.pp == 1 else None,
+        **fixed,
     )
-    return Case(model, settings, tokens, eos, shape, seed)
 
 
 def initial_state(case: Case) -> TrainState:

@@ -39,7 +39,20 @@ from olmo_fn.state.schedule import ScheduleConfig
 from olmo_fn.state.train_state import TrainState
 from olmo_fn.state.train_step import StepSettings, make_gradient_fn, make_train_step
 
-from plan_cases import STEPS, Case, _everyones, _layout, assert_same, batch, examples, initial_state, rows_of
+from plan_cases import (
+    EOS,
+    STEPS,
+    Case,
+    _everyones,
+    _layout,
+    assert_same,
+    batch,
+    examples,
+    initial_state,
+    rows_of,
+    step_settings,
+    token_batches,
+)
 from rank_pool import RankPool
 
 SHAPES = {
@@ -81,26 +94,9 @@ def ep_cases(draw, world: int) -> Case:
     per_rank = draw(st.integers(1, 2))
     rows, seq = shape.dp * per_rank, draw(st.integers(2, 5))
     micro = draw(st.sampled_from([m for m in (1, 2) if per_rank % m == 0]))  # divides each rank's rows
-    seed = draw(st.integers(0, 2**16))
-    gen = np.random.default_rng(seed)
-    eos_rate = draw(st.sampled_from([0.0, 0.3]))
-    tokens = tuple(
-        np.where(gen.random((rows, seq)) < eos_rate, 0, gen.integers(1, model.vocab_size, (rows, seq)))
-        for _ in range(STEPS)
-    )
-    settings_ = StepSettings(
-        model,
-        OptimConfig(lr=draw(st.sampled_from([1e-3, 3e-2]))),
-        ScheduleConfig(warmup_steps=1),
-        total_steps=STEPS,
-        micro_batch_size=micro,
-        compute_dtype=torch.float64,
-        z_loss=draw(st.sampled_from([0.0, 1e-3])),
-        max_grad_norm=draw(st.sampled_from([None, 1.0, 1e-3])),
-        document_masking=draw(st.booleans()),
-        ac=draw(st.sampled_from(["none", "full", "selective"])),
-    )
-    return Case(model, settings_, tokens, 0, shape, seed)
+    tokens, seed = draw(token_batches(model, rows, seq, eos_rate=draw(st.sampled_from([0.0, 0.3]))))
+    settings_ = draw(step_settings(model, micro, ac=draw(st.sampled_from(["none", "full", "selective"]))))
+    return Case(model, settings_, tokens, EOS, shape, seed)
 
 
 def reference(case: Case) -> dict:
@@ -279,7 +275,7 @@ def fixed_case(shape: MeshShape, rows_per_rank: int = 1, seq: int = 3, seed: int
     gen = np.random.default_rng(seed)
     rows = shape.dp * rows_per_rank
     tokens = tuple(gen.integers(1, model.vocab_size, (rows, seq)) for _ in range(STEPS))
-    return Case(model, settings_, tokens, 0, shape, seed)
+    return Case(model, settings_, tokens, EOS, shape, seed)
 
 
 @pytest.mark.parametrize("shape", [MeshShape(1, 2, 1, ep=2), MeshShape(1, 4, 1, ep=4)], ids=str)
