@@ -12,7 +12,7 @@ import torch
 import tyro
 
 from olmo_fn.config import TrainConfig, config_from_dict
-from olmo_fn.graph.flops import count_params
+from olmo_fn.graph.flops import params_text
 from olmo_fn.io.model_source import load_model
 from olmo_fn.io.safetensors_export import export_model
 from olmo_fn.state.checkpoint import list_checkpoints, read_manifest, resolve_checkpoint, verify_checkpoint
@@ -76,12 +76,13 @@ def checkpoint_info(cmd: CheckpointInfo) -> str:
         (
             "model",
             f"{cfg.preset}: d_model {m.d_model}, {m.n_layers} layers, {m.n_heads} heads ({m.n_kv_heads} kv), "
-            f"mlp {m.mlp_hidden}, vocab {m.vocab_size}; {count_params(m) / 1e6:,.2f}M params",
+            f"mlp {m.mlp_hidden}, vocab {m.vocab_size}; {params_text(m)}",
         ),
         ("data", f"seq_len {cfg.data.seq_len}, " + (", ".join(cfg.data.paths) or "embedded stdlib corpus")),
         (
             "optimizer",
-            f"AdamW lr {cfg.optim.lr:g}, {cfg.schedule.decay} schedule, warmup {cfg.schedule.warmup_steps}",
+            f"{cfg.optim.name} lr {cfg.optim.lr:g}, {cfg.schedule.decay} schedule, "
+            f"warmup {cfg.schedule.warmup_steps}",
         ),
         (
             "tensors",

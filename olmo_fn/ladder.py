@@ -179,6 +179,16 @@ class Rung:
         return f"{self.size}-tpp{self.multiple:g}"
 
 
+def steps_for(cfg: LadderConfig, multiple: float, n: int) -> int:
+    """Steps that train a model of `n` non-embedding parameters on `multiple` · n tokens (at least 1)."""
+    return max(1, round(multiple * n / (cfg.global_batch_size * cfg.seq_len)))
+
+
+def warmup_for(cfg: LadderConfig, steps: int) -> int:
+    """Warmup steps of a run of `steps`: ``warmup_fraction`` of them, at least 1."""
+    return max(1, round(cfg.warmup_fraction * steps))
+
+
 def plan_rungs(cfg: LadderConfig) -> list[Rung]:
     """Every rung, smallest N first (the held-out largest ones last)."""
     per_step = cfg.global_batch_size * cfg.seq_len
@@ -188,7 +198,7 @@ def plan_rungs(cfg: LadderConfig) -> list[Rung]:
         model = size_model(size, cfg.head_dim, cfg.mlp_ratio)
         n = non_embedding_params(model)
         for multiple in cfg.tokens_per_param:
-            steps = max(1, round(multiple * n / per_step))
+            steps = steps_for(cfg, multiple, n)
             rungs.append(
                 Rung(size, multiple, model, n, steps, steps * per_step, cfg.held_out and n == largest)
             )
@@ -200,7 +210,7 @@ def rung_config(cfg: LadderConfig, rung: Rung) -> TrainConfig:
     return TrainConfig(
         model=rung.model,
         data=DataConfig(seq_len=cfg.seq_len),
-        schedule=ScheduleConfig(warmup_steps=max(1, round(cfg.warmup_fraction * rung.steps))),
+        schedule=ScheduleConfig(warmup_steps=warmup_for(cfg, rung.steps)),
         steps=rung.steps,
         global_batch_size=cfg.global_batch_size,
         seed=cfg.seed,
@@ -340,7 +350,7 @@ def rung_table(rungs: list[Rung], losses: list[float]) -> str:
 
 def target_command(cfg: LadderConfig, model: ModelConfig, n: int) -> str:
     """The train command for the target size at the ladder's first token multiple."""
-    steps = max(1, round(cfg.tokens_per_param[0] * n / (cfg.global_batch_size * cfg.seq_len)))
+    steps = steps_for(cfg, cfg.tokens_per_param[0], n)
     if cfg.target in PRESETS:
         shape = f"--preset {cfg.target}"
     else:
@@ -348,7 +358,7 @@ def target_command(cfg: LadderConfig, model: ModelConfig, n: int) -> str:
             f"--model.d-model {model.d_model} --model.n-layers {model.n_layers} --model.n-heads "
             f"{model.n_heads} --model.n-kv-heads {model.n_kv_heads} --model.mlp-hidden {model.mlp_hidden}"
         )
-    warmup = max(1, round(cfg.warmup_fraction * steps))
+    warmup = warmup_for(cfg, steps)
     run_dir = shlex.quote(str(cfg.out / f"target-{cfg.target}"))
     return (
         f"python -m olmo_fn.run train {shape} --steps {steps} --global-batch-size {cfg.global_batch_size} "

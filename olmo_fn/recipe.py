@@ -31,7 +31,7 @@ import tyro
 
 from olmo_fn.config import TrainConfig, config_from_json
 from olmo_fn.errors import ConfigError, OlmoFnError, one_line
-from olmo_fn.graph.flops import count_params
+from olmo_fn.graph.flops import params_text
 from olmo_fn.graph.presets import get_preset
 from olmo_fn.init_from import with_init_source
 from olmo_fn.ladder import LadderConfig, plan_rungs
@@ -102,7 +102,7 @@ def describe_run(cfg: TrainConfig) -> str:
     start = f"from the weights of {cfg.init_from}, " if cfg.init_from else ""
     return "\n".join(
         [
-            f"model     {start}{cfg.preset}: {count_params(cfg.model) / 1e6:,.2f}M params, d_model "
+            f"model     {start}{cfg.preset}: {params_text(cfg.model)}, d_model "
             f"{cfg.model.d_model}, {cfg.model.n_layers} layers, {cfg.model.n_heads} heads",
             f"tokens    {cfg.steps:,} steps x {cfg.global_batch_size} x {cfg.data.seq_len} = "
             f"{tokens_per_step:,} per step, {_short(cfg.steps * tokens_per_step)} in all{micro}",

@@ -26,7 +26,7 @@ from olmo_fn.config import (
 )
 from olmo_fn.errors import ConfigError, OlmoFnError
 from olmo_fn.evaluate import evaluate, open_eval_data
-from olmo_fn.graph.flops import count_params
+from olmo_fn.graph.flops import params_text
 from olmo_fn.in_loop_downstream import downstream_metrics, open_loop_tasks
 from olmo_fn.init_from import recorded_init_from, state_from_source
 from olmo_fn.io.atomic import write_json
@@ -317,7 +317,7 @@ def _train(
         where = f"{world.size} processes ({world.shape}) on {where}"
     _say(
         progress,
-        f"{cfg.preset}: {count_params(cfg.model) / 1e6:,.2f}M params, {len(data):,} instances "
+        f"{cfg.preset}: {params_text(cfg.model)}, {len(data):,} instances "
         f"of {cfg.data.seq_len} tokens, {cfg.steps} steps x {cfg.global_batch_size * cfg.data.seq_len:,} "
         f"tokens on {where}, {str(settings.compute_dtype).removeprefix('torch.')}"
         f"{', compiled' if settings.compile else ''}{execution_text(settings)} -> {run_dir}",

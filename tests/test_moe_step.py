@@ -253,3 +253,20 @@ def test_expert_parallel_that_cannot_work_is_one_line(capsys, options, expected)
     assert main(argv) == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1 and expected in lines[0], lines
+
+
+def test_parameter_counts_say_what_one_token_uses():
+    """OLMoE-1B-7B: 6.92 B parameters, of which a token uses all but 56 of 64 experts' three
+    matrices in each of 16 layers (1.28 B, as the model card's "1B active")."""
+    from olmo_fn.graph.flops import active_params, count_params, params_text
+    from olmo_fn.graph.presets import PRESETS
+
+    cfg = PRESETS["olmoe-1b-7b"]
+    unused = 16 * (64 - 8) * 3 * 1024 * 2048
+    assert active_params(cfg) == count_params(cfg) - unused
+    assert 1.2e9 < active_params(cfg) < 1.35e9 and 6.8e9 < count_params(cfg) < 7.0e9
+    assert params_text(cfg) == (
+        f"{count_params(cfg) / 1e6:,.2f}M params ({(count_params(cfg) - unused) / 1e6:,.2f}M active: "
+        "64 experts of 1024, 8 per token)"
+    )
+    assert params_text(PRESETS["olmo2-tiny"]) == "0.95M params"

@@ -49,9 +49,10 @@ def config(preset: str, run_dir, steps: int = STEPS, **fields) -> TrainConfig:
 
 def test_tiny_moe_learns_at_least_as_well_as_dense_with_balanced_experts(tmp_path):
     """olmoe-tiny against olmo2-tiny, whose active parameters it matches but for its routers: the
-    mean loss of the last 20 of 120 steps is no higher, and over the second half of the run every
-    layer's busiest expert takes under 2x its uniform share (averaged over those steps; the first
-    steps route most tokens alike, before the representations separate)."""
+    mean loss of the last 20 of 120 steps is no higher; over the second half of the run every layer's
+    busiest expert takes under 2x its uniform share (averaged over those steps; the first steps route
+    most tokens alike, before the representations separate), and over the whole run every expert's
+    share of a layer's assignments is within 1.5x of uniform."""
     moe, dense = PRESETS["olmoe-tiny"], PRESETS["olmo2-tiny"]
     routers = moe.n_layers * moe.moe.n_experts * moe.d_model
     assert active_params(moe) == active_params(dense) + routers + moe.n_layers * moe.moe.n_experts  # biases
@@ -72,6 +73,11 @@ def test_tiny_moe_learns_at_least_as_well_as_dense_with_balanced_experts(tmp_pat
     assert all(r["moe/dropped"] == 0 for r in moe_records)  # dropless
     for r in moe_records:  # metrics.jsonl holds each layer's tokens per expert: every assignment
         assert all(sum(r[f"moe/layer{i}/tokens"]) == 8 * 128 * 2 for i in range(moe.n_layers))
+    for layer in range(moe.n_layers):  # over the whole run, every expert's share is near uniform
+        per_step = [r[f"moe/layer{layer}/tokens"] for r in moe_records]
+        totals = [sum(counts) for counts in zip(*per_step, strict=True)]
+        uniform = sum(totals) / moe.moe.n_experts
+        assert min(totals) / uniform > 0.5 and max(totals) / uniform < 1.5, (layer, totals)
 
 
 def test_interrupted_moe_run_resumes_exactly(tmp_path, monkeypatch):

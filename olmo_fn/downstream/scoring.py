@@ -61,10 +61,13 @@ def first_argmax(values: Sequence[float]) -> int:
     return max(range(len(values)), key=lambda i: (values[i], -i))
 
 
-def split_tokens(encode: Encode, context: str, choice: str) -> tuple[list[int], list[int]]:
+def split_tokens(
+    encode: Encode, context: str, choice: str, context_ids: Sequence[int] | None = None
+) -> tuple[list[int], list[int]]:
     """(context tokens, choice tokens): ``encode(context + choice)`` cut after the longest prefix it
-    shares with ``encode(context)``."""
-    context_ids, full = encode(context), encode(context + choice)
+    shares with ``encode(context)`` (`context_ids`, when the caller has encoded it already)."""
+    context_ids = encode(context) if context_ids is None else context_ids
+    full = encode(context + choice)
     shared = 0
     for a, b in zip(context_ids, full, strict=False):
         if a != b:
@@ -101,9 +104,11 @@ def question_rows(
     rows = []
     for q_index, question in enumerate(questions):
         rows.append([])
+        context_ids = encode(question.context)  # once per question, not per choice
         for c_index, choice in enumerate(question.choices):
             where = f"question {q_index} choice {c_index}"
-            row = make_row(*split_tokens(encode, question.context, choice), start_token, max_length, where)
+            parts = split_tokens(encode, question.context, choice, context_ids)
+            row = make_row(*parts, start_token, max_length, where)
             if max(row[0]) >= vocab or min(row[0]) < 0:
                 bad = max(row[0]) if max(row[0]) >= vocab else min(row[0])
                 raise ConfigError(f"{where}: token id {bad} is outside the model's vocabulary of {vocab}")

@@ -38,6 +38,19 @@ def active_params(cfg: ModelConfig) -> int:
     return total
 
 
+def params_text(cfg: ModelConfig) -> str:
+    """``"0.95M params"``; for an MoE model also what one token uses, e.g. ``"2.73M params (0.96M
+    active: 8 experts of 192, 2 per token)"``."""
+    text = f"{count_params(cfg) / 1e6:,.2f}M params"
+    if cfg.moe.enabled:
+        moe = cfg.moe
+        text += (
+            f" ({active_params(cfg) / 1e6:,.2f}M active: {moe.n_experts} experts of {moe.hidden}, "
+            f"{moe.top_k} per token)"
+        )
+    return text
+
+
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token: ``6 * matmul_params + 12 * n_layers * n_heads * d_head * seq_len``.
 

@@ -358,11 +358,17 @@ def _everyones(arrays: dict) -> dict:
 
 
 def assert_same(got: dict, want: dict, *, tol: float = 1e-10) -> None:
-    """Losses and gradient norms to `tol` relative; gradients and parameters to `tol` absolute
-    plus relative (float64 sums in another order differ by ~1e-16 per operation)."""
+    """Losses to `tol` relative; gradients and parameters to `tol` absolute plus relative (float64
+    sums in another order differ by ~1e-16 per operation); gradient norms to 10 × `tol` relative.
+
+    The norms of later steps are the one place rounding shows more: AdamW divides by the square root
+    of second moments that are tiny for parameters whose gradients are nearly zero, so summation-order
+    differences of ~1e-16 grow. Measured: FSDP 2 on a d_model-2 model with rows of end-of-document
+    tokens only, step 3's norm 1.8903720151 against 1.8903720147 (2e-10 relative), the parameters
+    still within 1e-10 (and the same before expert parallel existed)."""
     np.testing.assert_allclose(got["losses"], want["losses"], rtol=tol, atol=0, err_msg="losses")
     np.testing.assert_allclose(
-        got["grad_norms"], want["grad_norms"], rtol=tol, atol=tol, err_msg="grad norms"
+        got["grad_norms"], want["grad_norms"], rtol=10 * tol, atol=tol, err_msg="grad norms"
     )
     for name in ("grads", "params"):
         assert got[name].keys() == want[name].keys()

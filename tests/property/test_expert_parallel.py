@@ -255,13 +255,13 @@ def check(pool: RankPool, case: Case, sabotage: str | None = None) -> dict:
 
 
 @given(case=ep_cases(world=2))
-@settings(deadline=None)
+@settings(deadline=None, max_examples=examples(ci=10))
 def test_ep_on_two_ranks_equals_one_process(pools, case):
     check(pools(2), case)
 
 
 @given(case=ep_cases(world=4))
-@settings(deadline=None, max_examples=examples(ci=6))
+@settings(deadline=None, max_examples=examples(ci=4))
 def test_ep_with_fsdp_on_four_ranks_equals_one_process(pools, case):
     check(pools(4), case)
 
