@@ -244,7 +244,13 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     rank 0 prints them)."""
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    compiled = resolve_compile(cfg.compile, device, tensor_parallel=cfg.parallel.tp > 1, ac=cfg.ac)
+    compiled = resolve_compile(
+        cfg.compile,
+        device,
+        tensor_parallel=cfg.parallel.tp > 1,
+        expert_parallel=cfg.parallel.ep > 1,
+        ac=cfg.ac,
+    )
     if cfg.compile == "step" and launched_world()[1] > 1:
         raise ConfigError("compile=step runs in one process; under torchrun use compile=on")
     if cfg.track_memory and (compiled or cfg.compile == "step"):

@@ -34,22 +34,29 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def resolve_compile(
-    choice: str, device: torch.device, *, tensor_parallel: bool = False, ac: str = "none"
+    choice: str,
+    device: torch.device,
+    *,
+    tensor_parallel: bool = False,
+    expert_parallel: bool = False,
+    ac: str = "none",
 ) -> bool:
     """ "auto" -> compile on CUDA only (on CPU a cold compile costs more than a short run gains), and
     wherever ``ac="budget"`` asks for the compiler's partitioner.
 
-    Tensor-parallel blocks are not compiled yet: "auto" leaves them eager, "on" is refused."""
-    if ac == "budget" and (choice == "off" or tensor_parallel):
-        why = "compile=off" if choice == "off" else "parallel.tp > 1 (which runs eagerly)"
+    Tensor- and expert-parallel blocks are not compiled yet: "auto" leaves them eager, "on" is refused."""
+    eager_only = "parallel.tp > 1" if tensor_parallel else "parallel.ep > 1" if expert_parallel else None
+    if ac == "budget" and (choice == "off" or eager_only):
+        why = "compile=off" if choice == "off" else f"{eager_only} (which runs eagerly)"
         raise ConfigError(
             f"ac=budget is chosen by torch.compile's partitioner and cannot run with {why}; "
             "use --ac full or --ac selective"
         )
-    if tensor_parallel:
+    if eager_only:
         if choice == "on":
+            kind = "TP" if tensor_parallel else "EP"
             raise ConfigError(
-                "compile=on with parallel.tp > 1 is not supported yet (compile=auto runs TP eagerly)"
+                f"compile=on with {eager_only} is not supported yet (compile=auto runs {kind} eagerly)"
             )
         return False
     if choice == "auto":

@@ -210,7 +210,13 @@ def train(cfg: TrainConfig, *, progress: bool = True, observers: Sequence[object
     device = resolve_device(cfg.device)
     if cfg.resume and cfg.run_dir is None:
         raise ConfigError("--resume needs --run-dir: the run directory to resume")
-    compiled = resolve_compile(cfg.compile, device, tensor_parallel=cfg.parallel.tp > 1, ac=cfg.ac)
+    compiled = resolve_compile(
+        cfg.compile,
+        device,
+        tensor_parallel=cfg.parallel.tp > 1,
+        expert_parallel=cfg.parallel.ep > 1,
+        ac=cfg.ac,
+    )
     if cfg.compile == "step" and launched_world()[1] > 1:
         raise ConfigError("compile=step runs in one process; under torchrun use compile=on")
     moe_problem = moe_compile_problem(cfg.model, resolve_dtype(cfg.dtype, device)) if compiled else None

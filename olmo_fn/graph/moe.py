@@ -20,7 +20,7 @@ cross-entropy sums, they can be added over micro-batches and ranks and divided b
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -38,7 +38,8 @@ def route(router: torch.Tensor, x: torch.Tensor, moe: MoeConfig, bias: torch.Ten
     """Top-k routing of tokens x (T, d_model) by the router matrix (n_experts, d_model).
 
     Returns ``(weights, experts, logits)``: weights (T, top_k) in x's dtype (the chosen experts' scores,
-    renormalised to sum 1 if ``normalize_top_k``), experts (T, top_k) int64, logits (T, n_experts) fp32.
+    renormalised to sum 1 if ``normalize_top_k``), experts (T, top_k) int64, logits (T, n_experts) in
+    x's dtype or fp32, whichever is wider.
     Scores are softmax over the experts (or a sigmoid each), in at least fp32; ties are broken as
     ``torch.topk`` breaks them. With an expert `bias` (n_experts,) the experts are chosen by
     ``scores + bias`` and weighted by their scores alone (no gradient reaches the bias).
@@ -164,9 +165,17 @@ def capacity_experts(p, x, weights, experts, moe: MoeConfig, act, capacity: int)
 
 
 def moe_feed_forward(
-    p: Mapping[str, Any], x: torch.Tensor, moe: MoeConfig, activation: str = "silu"
+    p: Mapping[str, Any],
+    x: torch.Tensor,
+    moe: MoeConfig,
+    activation: str = "silu",
+    *,
+    dropless: Callable[..., torch.Tensor] = dropless_experts,
 ) -> tuple[torch.Tensor, MoeAux]:
-    """The MoE feed-forward of x (..., d_model) -> (same shape, `MoeAux`)."""
+    """The MoE feed-forward of x (..., d_model) -> (same shape, `MoeAux`).
+
+    dropless: computes the routed experts without a capacity, with `dropless_experts`' arguments
+    (expert parallelism passes one that sends the rows to the ranks holding their experts)."""
     shape = x.shape
     flat = x.reshape(-1, shape[-1])
     weights, experts, logits = route(p["router"], flat, moe, p.get("expert_bias"))
@@ -174,7 +183,7 @@ def moe_feed_forward(
     capacity = moe.capacity(flat.shape[0])
     if capacity is None:
         grouped = experts_path(moe, flat, shape[-1]) == "grouped"
-        out = dropless_experts(p["experts"], flat, weights, experts, moe, act, grouped)
+        out = dropless(p["experts"], flat, weights, experts, moe, act, grouped)
         dropped = torch.zeros((), device=x.device)
     else:
         out, dropped = capacity_experts(p["experts"], flat, weights, experts, moe, act, capacity)

@@ -7,7 +7,8 @@ expert and every dense weight are replicated there as usual. Expert parallelism 
 
 Forward of one MoE layer on one rank (`expert_parallel_moe`):
 
-1. route the rank's own tokens with the replicated router (and expert bias, if any: `graph.moe.route`);
+1. route the rank's own tokens with the replicated router (and expert bias, if any), as
+   `graph.moe.moe_feed_forward` does: this module supplies only its dropless experts;
 2. sort its assignments by expert (stable, as `graph.moe.dropless_experts` does), so the rows for
    rank r's experts are contiguous and in rank order; exchange the per-expert row counts with an
    all-to-all, giving each rank the rows it will receive per (source rank, local expert);
@@ -38,16 +39,8 @@ import torch.distributed as dist
 from olmo_fn.errors import ConfigError
 from olmo_fn.graph.block import MoeFn, block_for
 from olmo_fn.graph.config import ModelConfig
-from olmo_fn.graph.feed_forward import GATES, gated_mlp
 from olmo_fn.graph.model import BlockFn
-from olmo_fn.graph.moe import (
-    MoeAux,
-    balancing_sums,
-    expert_rows_grouped,
-    expert_rows_loop,
-    experts_path,
-    route,
-)
+from olmo_fn.graph.moe import expert_counts, expert_rows_grouped, expert_rows_loop, moe_feed_forward
 from olmo_fn.graph.moe_config import MoeConfig
 from olmo_fn.parallelize.axis_group import AxisGroup
 
@@ -106,7 +99,7 @@ def dispatched_experts(
     slot = expert_slot(experts.reshape(-1), moe.n_experts, ep.size)
     order = torch.argsort(slot, stable=True)
     token = order // moe.top_k
-    sent = torch.bincount(slot, minlength=moe.n_experts).view(ep.size, local)
+    sent = expert_counts(slot, moe.n_experts).view(ep.size, local)
     received = exchange_counts(sent, ep)
     send, recv = sent.sum(1).tolist(), received.sum(1).tolist()
     xs = all_to_all(x[token], send, recv, ep)
@@ -128,29 +121,15 @@ def dispatched_experts(
 
 
 def expert_parallel_moe(ep: AxisGroup) -> MoeFn:
-    """`graph.moe.moe_feed_forward` with the experts split over `ep` (see the module docstring): p's
-    ``experts`` hold this rank's experts; the returned `MoeAux` is of this rank's tokens."""
+    """`graph.moe.moe_feed_forward` with its dropless experts computed over `ep` (see the module
+    docstring): p's ``experts`` hold this rank's experts; routing and the returned `MoeAux` are this
+    rank's tokens', as one process computes them for these rows."""
+    dropless = functools.partial(dispatched_experts, ep=ep)
 
     def moe_fn(p: Mapping[str, Any], x: torch.Tensor, moe: MoeConfig, activation: str = "silu"):
-        shape = x.shape
-        flat = x.reshape(-1, shape[-1])
-        if moe.capacity(flat.shape[0]) is not None:
+        if moe.capacity_factor:  # the capacity path would run this rank's experts on its own tokens only
             raise ConfigError("parallel.ep > 1 with model.moe.capacity_factor > 0 is not supported yet")
-        weights, experts, logits = route(p["router"], flat, moe, p.get("expert_bias"))
-        grouped = experts_path(moe, flat, shape[-1]) == "grouped"
-        act = GATES[activation]
-        out = dispatched_experts(p["experts"], flat, weights, experts, moe, act, grouped, ep)
-        if moe.shared_hidden:
-            out = out + gated_mlp(p["shared"], flat, activation)
-        lb_sum, z_sum, counts = balancing_sums(logits, experts, moe)
-        aux: MoeAux = {
-            "lb_sum": lb_sum,
-            "router_z_sum": z_sum,
-            "expert_tokens": counts,
-            "dropped": torch.zeros((), device=x.device),
-            "tokens": torch.tensor(float(flat.shape[0]), device=x.device),
-        }
-        return out.reshape(shape), aux
+        return moe_feed_forward(p, x, moe, activation, dropless=dropless)
 
     return moe_fn
 

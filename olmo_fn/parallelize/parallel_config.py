@@ -213,7 +213,8 @@ def parallel_problems(
 
 
 def expert_parallel_problems(shape: MeshShape, model: ModelConfig) -> list[str]:
-    """Why the experts cannot be split over ``shape.ep`` ranks (empty when ep is 1 or it fits)."""
+    """Why the experts cannot be split over ``shape.ep`` ranks (empty when ep is 1 or it fits). An MoE
+    model with tp, cp or pp is refused whatever ep is (`olmo_fn.state.moe_terms.moe_run_problems`)."""
     ep = shape.ep
     if ep == 1:
         return []
@@ -228,11 +229,6 @@ def expert_parallel_problems(shape: MeshShape, model: ModelConfig) -> list[str]:
             f"parallel.ep={ep} does not divide the data-parallel shard degree dp_shard={shape.dp_shard} "
             "(expert-parallel ranks are carved out of dp_shard)"
         )
-    for axis in ("tp", "cp", "pp"):
-        if getattr(shape, axis) > 1:
-            problems.append(
-                f"parallel.ep={ep} with parallel.{axis}={getattr(shape, axis)} is not supported yet"
-            )
     if moe.capacity_factor:
         problems.append(
             f"parallel.ep={ep} with model.moe.capacity_factor={moe.capacity_factor} is not supported yet "

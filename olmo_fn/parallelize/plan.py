@@ -63,26 +63,25 @@ class Rule:
         """The placement axes: `AXES`, or `EXPERT_AXES` for an expert-parallel rule."""
         return AXES if self.ep is None else EXPERT_AXES
 
-    def _per_axis(self, replicas: Placement, tp: Placement) -> tuple[Placement, ...]:
-        return (replicas, replicas, tp) if self.ep is None else (replicas, replicas, self.ep, tp)
+    def _per_axis(self, dp_replicate: Placement, dp_shard: Placement, tp: Placement) -> tuple[Placement, ...]:
+        """One placement per axis of `axes`: the given ones, with the stored ``ep`` placement."""
+        return (dp_replicate, dp_shard, tp) if self.ep is None else (dp_replicate, dp_shard, self.ep, tp)
 
     @property
     def placements(self) -> tuple[Placement, ...]:
         """Stored placements, one per axis of `axes`."""
-        if self.ep is None:
-            return (self.dp_replicate, self.dp_shard, self.tp)
-        return (self.dp_replicate, self.dp_shard, self.ep, self.tp)
+        return self._per_axis(self.dp_replicate, self.dp_shard, self.tp)
 
     @property
     def compute_placements(self) -> tuple[Placement, ...]:
         """Replicated over the data-parallel axes; on ``ep`` and ``tp`` as stored."""
-        return self._per_axis(Replicate(), self.tp)
+        return self._per_axis(Replicate(), Replicate(), self.tp)
 
     @property
     def grad_placements(self) -> tuple[Placement, ...]:
         """Partial over the data-parallel axes; on ``ep`` as stored (the owner's gradient is whole);
         on ``tp`` the stored shard, else partial."""
-        return self._per_axis(Partial(), self.tp if isinstance(self.tp, Shard) else Partial())
+        return self._per_axis(Partial(), Partial(), self.tp if isinstance(self.tp, Shard) else Partial())
 
     def axis_sizes(self, shape: MeshShape) -> tuple[int, ...]:
         """The size of each of `axes` on `shape`."""

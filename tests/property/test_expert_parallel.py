@@ -175,9 +175,9 @@ def _aux_over_ep_group(shape: MeshShape):
     rank's own tokens (with the rank's own routing probabilities)."""
     import torch.distributed as dist
 
-    import olmo_fn.parallelize.expert_parallel as ep
+    import olmo_fn.graph.moe as moe_module
 
-    real = ep.balancing_sums
+    real = moe_module.balancing_sums
     group = _layout(shape).ep_group
 
     def over_group(logits, experts, moe):
@@ -189,8 +189,8 @@ def _aux_over_ep_group(shape: MeshShape):
         n = logits.shape[0]
         return moe.n_experts * (total / n * probs.mean(0)).sum() * n, z_sum, total
 
-    ep.balancing_sums = over_group
-    return lambda: setattr(ep, "balancing_sums", real)
+    moe_module.balancing_sums = over_group
+    return lambda: setattr(moe_module, "balancing_sums", real)
 
 
 SABOTAGE = {
