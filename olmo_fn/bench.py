@@ -30,10 +30,10 @@ from olmo_fn.parallelize.world import World, start_world
 from olmo_fn.runtime import (
     device_name,
     fp8_emulated,
-    resolve_compile,
     resolve_device,
     resolve_dtype,
     resolve_loss_chunk,
+    run_compiles,
 )
 from olmo_fn.state.checkpoint import latest_checkpoint, load_checkpoint
 from olmo_fn.state.checkpoint_writer import CheckpointConfig, CheckpointWriter
@@ -244,13 +244,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     rank 0 prints them)."""
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    compiled = resolve_compile(
-        cfg.compile,
-        device,
-        tensor_parallel=cfg.parallel.tp > 1,
-        expert_parallel=cfg.parallel.ep > 1,
-        ac=cfg.ac,
-    )
+    compiled = run_compiles(cfg, device)
     if cfg.compile == "step" and launched_world()[1] > 1:
         raise ConfigError("compile=step runs in one process; under torchrun use compile=on")
     if cfg.track_memory and (compiled or cfg.compile == "step"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from typing import Any
 
 import torch
 
@@ -62,6 +63,17 @@ def resolve_compile(
     if choice == "auto":
         return device.type == "cuda" or ac == "budget"
     return choice in ("on", "step")
+
+
+def run_compiles(cfg: Any, device: torch.device) -> bool:
+    """`resolve_compile` for a run's (or a bench's) settings: its compile, parallel and ac fields."""
+    return resolve_compile(
+        cfg.compile,
+        device,
+        tensor_parallel=cfg.parallel.tp > 1,
+        expert_parallel=cfg.parallel.ep > 1,
+        ac=cfg.ac,
+    )
 
 
 def fp8_emulated(device: torch.device) -> bool:

@@ -41,10 +41,10 @@ from olmo_fn.runtime import (
     choose_cpu_threads,
     device_name,
     fp8_emulated,
-    resolve_compile,
     resolve_device,
     resolve_dtype,
     resolve_loss_chunk,
+    run_compiles,
 )
 from olmo_fn.state.checkpoint import checkpoint_path, load_checkpoint, remove_incomplete
 from olmo_fn.state.checkpoint_writer import CheckpointWriter
@@ -210,13 +210,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, observers: Sequence[object
     device = resolve_device(cfg.device)
     if cfg.resume and cfg.run_dir is None:
         raise ConfigError("--resume needs --run-dir: the run directory to resume")
-    compiled = resolve_compile(
-        cfg.compile,
-        device,
-        tensor_parallel=cfg.parallel.tp > 1,
-        expert_parallel=cfg.parallel.ep > 1,
-        ac=cfg.ac,
-    )
+    compiled = run_compiles(cfg, device)
     if cfg.compile == "step" and launched_world()[1] > 1:
         raise ConfigError("compile=step runs in one process; under torchrun use compile=on")
     moe_problem = moe_compile_problem(cfg.model, resolve_dtype(cfg.dtype, device)) if compiled else None
