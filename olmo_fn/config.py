@@ -26,7 +26,6 @@ from olmo_fn.io.loader import DataConfig
 from olmo_fn.parallelize.activation_checkpoint import ActivationCheckpointing, checkpointing_problems
 from olmo_fn.parallelize.fp8 import Fp8Recipe, fp8_problems
 from olmo_fn.parallelize.parallel_config import ParallelConfig
-from olmo_fn.runtime import LOSS_CHUNK_PIPELINE
 from olmo_fn.state.checkpoint_writer import CheckpointConfig
 from olmo_fn.state.compiled_step import step_compile_problems
 from olmo_fn.state.moe_terms import moe_run_problems
@@ -133,8 +132,6 @@ class TrainConfig:
             problems += step_compile_problems(self, sharded=self.parallel.splits_work)
         if self.loss_chunk_tokens is not None and self.loss_chunk_tokens < 0:
             problems.append(f"loss_chunk_tokens={self.loss_chunk_tokens} must be >= 0 (0: never chunk)")
-        elif self.loss_chunk_tokens and self.parallel.pp > 1:
-            problems.append(f"loss_chunk_tokens={self.loss_chunk_tokens} {LOSS_CHUNK_PIPELINE}")
         if self.threads is not None and self.threads < 1:
             problems.append(f"threads={self.threads} must be >= 1 (or None: chosen from the idle cores)")
         if not 0 <= self.z_loss < math.inf:

@@ -90,26 +90,14 @@ AUTO_LOSS_CHUNK_ABOVE = 2**26
 """Logits values per micro-batch (256 MiB in fp32) above which the loss is chunked by default."""
 
 
-LOSS_CHUNK_PIPELINE = (
-    "is not supported with pipeline parallelism (parallel.pp > 1): the last stage hands whole logits "
-    "to the schedule's loss; leave it unset"
-)
-
-
-def resolve_loss_chunk(
-    choice: int | None, tokens_per_micro_batch: int, vocab_size: int, *, pipelined: bool = False
-) -> int | None:
+def resolve_loss_chunk(choice: int | None, tokens_per_micro_batch: int, vocab_size: int) -> int | None:
     """The loss's chunk size in positions, or None for all at once.
 
     choice None: chunks of `AUTO_LOSS_CHUNK_TOKENS` when a micro-batch's logits would hold more than
     `AUTO_LOSS_CHUNK_ABOVE` values (small models on short rows gain nothing from chunking); 0: never;
-    n > 0: chunks of n positions. Pipelined (parallel.pp > 1): never, since the last stage hands whole
-    logits to the schedule's loss; asking for chunks there is refused.
+    n > 0: chunks of n positions. The same under every plan (tensor parallel: each chunk's logits hold
+    the rank's vocabulary share; pipeline parallel: the last stage chunks).
     """
-    if pipelined and choice:
-        raise ConfigError(f"loss_chunk_tokens={choice} {LOSS_CHUNK_PIPELINE}")
-    if pipelined:
-        return None
     if choice is None:
         big = tokens_per_micro_batch * vocab_size > AUTO_LOSS_CHUNK_ABOVE
         return AUTO_LOSS_CHUNK_TOKENS if big and tokens_per_micro_batch > AUTO_LOSS_CHUNK_TOKENS else None

@@ -300,10 +300,7 @@ def _train(
         ac=cfg.ac,
         ac_budget=cfg.ac_budget,
         loss_chunk_tokens=resolve_loss_chunk(
-            cfg.loss_chunk_tokens,
-            cfg.micro_batch * cfg.data.seq_len,
-            cfg.model.vocab_size,
-            pipelined=cfg.parallel.pp > 1,
+            cfg.loss_chunk_tokens, cfg.micro_batch * cfg.data.seq_len, cfg.model.vocab_size
         ),
         fp8=cfg.fp8,
         fp8_emulate=fp8_emulated(device),

@@ -96,21 +96,13 @@ def test_bfloat16_chunked_loss_is_close_to_the_whole_logits():
         torch.testing.assert_close(g.float(), e.float(), rtol=2e-2, atol=2e-2)
 
 
-def test_pipeline_parallel_refuses_chunks_and_auto_leaves_them_off():
-    """The last pipeline stage hands whole logits to the schedule's loss: asking for chunks there is
-    a config error naming the field, and the automatic choice never chunks under it."""
-    import pytest
-
+def test_pipeline_parallel_takes_chunks_as_one_process_does():
+    """Chunks are a setting of the last stage's loss like any other: accepted under pipeline
+    parallelism, and chosen automatically by the same rule (the property tests check the values)."""
     from olmo_fn.config import TrainConfig
-    from olmo_fn.errors import ConfigError
     from olmo_fn.parallelize.parallel_config import ParallelConfig
-    from olmo_fn.runtime import resolve_loss_chunk
+    from olmo_fn.runtime import AUTO_LOSS_CHUNK_TOKENS, resolve_loss_chunk
 
-    with pytest.raises(ConfigError, match=r"loss_chunk_tokens=64 is not supported with pipeline"):
-        TrainConfig(parallel=ParallelConfig(pp=2), loss_chunk_tokens=64)
-    TrainConfig(parallel=ParallelConfig(pp=2), loss_chunk_tokens=0)  # off: accepted
-    big = (8192, 100_352)  # above the automatic threshold
-    assert resolve_loss_chunk(None, *big) is not None
-    assert resolve_loss_chunk(None, *big, pipelined=True) is None
-    with pytest.raises(ConfigError, match="pipeline"):
-        resolve_loss_chunk(128, *big, pipelined=True)
+    assert TrainConfig(parallel=ParallelConfig(pp=2), loss_chunk_tokens=64).loss_chunk_tokens == 64
+    assert resolve_loss_chunk(None, 8192, 100_352) == AUTO_LOSS_CHUNK_TOKENS  # above the threshold
+    assert resolve_loss_chunk(None, 256, 4096) is None

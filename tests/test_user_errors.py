@@ -175,10 +175,6 @@ def test_evaluation_under_the_zbv_schedule_is_refused_before_anything_starts(tmp
     [
         (["--ac", "budget", "--compile", "off"], "ac=budget is chosen by torch.compile's partitioner"),
         (["--compile", "step", "--parallel.dp-shard", "2"], "compile=step runs in one process"),
-        (
-            ["--loss-chunk-tokens", "64", "--parallel.pp", "2"],
-            "loss_chunk_tokens=64 is not supported with pipeline",
-        ),
     ],
 )
 def test_speed_options_that_cannot_run_together_are_refused_before_anything_starts(

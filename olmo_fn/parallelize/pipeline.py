@@ -2,10 +2,12 @@
 run by a `torch.distributed.pipelining` schedule.
 
 A stage (`pipeline_stages`) holds consecutive blocks; the first also embeds the token ids, the last
-also applies the final norm and the LM head, and the schedule's loss function turns its logits into
-the objective. Only the hidden states travel between stages; the RoPE positions and document ids of
-each micro-batch are given to every stage by its own rank (every pipeline rank reads the same rows),
-so each stage builds its layers' masks itself.
+also applies the final norm, the LM head and the loss, and returns the micro-batch's share of the
+objective (a scalar), which the schedule's loss function hands back as it is. So the last stage makes
+its logits exactly as one process does: all at once, or chunk by chunk (`loss_chunk_tokens`) without
+ever holding a micro-batch's whole logits. Only the hidden states travel between stages; the RoPE positions,
+document ids and labels of each micro-batch are given to every stage by its own rank (every pipeline
+rank reads the same rows), so each stage builds its layers' masks itself.
 
 torch's schedules call a module: `_StageModule` is that calling convention and nothing more. It owns
 no tensors; its `parameters()` are the stage's leaves of the train state's tree (read at each step),
@@ -31,7 +33,7 @@ from tensordict import TensorDict
 from torch import nn
 from torch.distributed import pipelining
 
-from olmo_fn.graph.loss import cross_entropy_sums
+from olmo_fn.graph.loss import cross_entropy_sums, linear_cross_entropy_sums
 from olmo_fn.graph.model import BlockFn, layer_inputs
 from olmo_fn.graph.norms import rms_norm
 from olmo_fn.graph.param_tree import flatten
@@ -40,8 +42,8 @@ from olmo_fn.parallelize.pipeline_stages import rank_stages, stage_layers
 from olmo_fn.parallelize.placed_step import Sharding, _StoredBlock
 from olmo_fn.parallelize.tensor_parallel import (
     gather_seq,
-    vocab_parallel_cross_entropy_sums,
     vocab_parallel_embedding,
+    vocab_parallel_linear_cross_entropy_sums,
 )
 
 SCHEDULES: dict[str, type] = {
@@ -65,13 +67,15 @@ class _StageModule(nn.Module):
     def parameters(self, recurse: bool = True):
         yield from self._leaves()
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, doc_ids: torch.Tensor) -> torch.Tensor:
-        return self._forward(x, positions, doc_ids)
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, doc_ids: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
+        return self._forward(x, positions, doc_ids, labels)
 
 
 @dataclasses.dataclass
 class StepSums:
-    """Per-step values the loss function reads and writes: the normaliser it divides by, and each
+    """Per-step values the last stage reads and writes: the normaliser it divides by, and each
     micro-batch's loss sums (on the ranks that run the last stage)."""
 
     n_targets: torch.Tensor | None = None
@@ -108,13 +112,15 @@ def build_pipeline(
     seq_len: int,
     compute_dtype: torch.dtype,
     z_loss: float,
+    loss_chunk_tokens: int | None,
     document_masking: bool,
     backend: str,
     device: torch.device,
     forward_only: bool = False,
 ) -> Pipeline:
     """This rank's stages and the schedule `sharding.pipeline` names, for micro-batches of
-    ``(micro_batch_rows, seq_len)``. block_fn: runs one ``_StoredBlock`` (gathering it first).
+    ``(micro_batch_rows, seq_len)``. block_fn: runs one ``_StoredBlock`` (gathering it first);
+    loss_chunk_tokens: the last stage's LM head and loss that many positions at a time (None: all).
 
     `forward_only` (evaluation): a schedule that takes any micro-batch count and places the stages
     alike (GPipe, or looped BFS for loop-style interleaving), run with ``schedule.eval``. The V-shaped
@@ -127,10 +133,12 @@ def build_pipeline(
     mine = rank_stages(layout.pp_rank, shape.pp, spec.stages_per_rank, spec.schedule)
     tp, plan, rules = sharding.tp, sharding.plan, sharding.rules
     current: dict[str, TensorDict] = {}
-    sums = StepSums()
+    sums_of_step = StepSums()
 
     def stage_forward(stage: int) -> Callable[..., torch.Tensor]:
-        def forward(x: torch.Tensor, positions: torch.Tensor, doc_ids: torch.Tensor) -> torch.Tensor:
+        def forward(
+            x: torch.Tensor, positions: torch.Tensor, doc_ids: torch.Tensor, labels: torch.Tensor
+        ) -> torch.Tensor:
             params = current["params"]
             if stage == 0:
                 rows = to_compute(params["embeddings"], rules["embeddings"], plan)
@@ -144,7 +152,17 @@ def build_pipeline(
                 return x
             head = tree_to_compute(params["lm_head"], "lm_head.", plan, rules)
             h = rms_norm(x, head["norm"], cfg.norm_eps)
-            return (gather_seq(h, tp) if tp is not None else h) @ head["w_out"].T
+            if tp is not None:
+                ce, z, _ = vocab_parallel_linear_cross_entropy_sums(
+                    gather_seq(h, tp), head["w_out"], labels, tp, loss_chunk_tokens
+                )
+            elif loss_chunk_tokens:
+                ce, z, _ = linear_cross_entropy_sums(h, head["w_out"], labels, loss_chunk_tokens)
+            else:
+                ce, z, _ = cross_entropy_sums(h @ head["w_out"].T, labels)
+            sums_of_step.ce.append(ce.detach())
+            sums_of_step.z.append(z.detach())
+            return (ce + z_loss * z) / sums_of_step.n_targets
 
         return forward
 
@@ -159,18 +177,11 @@ def build_pipeline(
 
         return leaves
 
-    def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if tp is not None:
-            ce, z, _ = vocab_parallel_cross_entropy_sums(logits, labels, tp)
-        else:
-            ce, z, _ = cross_entropy_sums(logits, labels)
-        sums.ce.append(ce.detach())
-        sums.z.append(z.detach())
-        return (ce + z_loss * z) / sums.n_targets
+    def loss_fn(objective: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return objective  # the last stage's output is already the micro-batch's objective
 
     tp_size = shape.tp
     hidden = (micro_batch_rows, seq_len // tp_size, cfg.d_model)
-    logits = (micro_batch_rows, seq_len, cfg.vocab_size // tp_size)
 
     def example(size, dtype=compute_dtype, grad=True):
         return torch.empty(size, dtype=dtype, device=device, requires_grad=grad)
@@ -180,7 +191,8 @@ def build_pipeline(
         inputs = (
             (example((micro_batch_rows, seq_len), torch.long, False),) if stage == 0 else (example(hidden),)
         )
-        outputs = (example(logits),) if stage == n_stages - 1 else (example(hidden),)
+        objective = example((), torch.promote_types(compute_dtype, torch.float32))  # the last stage's
+        outputs = (objective,) if stage == n_stages - 1 else (example(hidden),)
         module = _StageModule(stage_forward(stage), stage_leaves(stage))
         stages.append(
             pipelining.PipelineStage(
@@ -201,7 +213,7 @@ def build_pipeline(
     schedule = schedule_cls(
         stages[0] if single else stages, n_microbatches=n_micro_batches, loss_fn=loss_fn, scale_grads=False
     )
-    return Pipeline(mine, n_stages, schedule, sums, current)
+    return Pipeline(mine, n_stages, schedule, sums_of_step, current)
 
 
 def run_pipeline(pipeline: Pipeline, params: TensorDict, batch, n_targets: torch.Tensor) -> None:
@@ -214,7 +226,12 @@ def run_pipeline(pipeline: Pipeline, params: TensorDict, batch, n_targets: torch
     args = (batch.input_ids,) if pipeline.first else ()
     target = batch.labels if pipeline.last else None
     pipeline.schedule.step(
-        *args, target=target, return_outputs=False, positions=batch.positions, doc_ids=batch.doc_ids
+        *args,
+        target=target,
+        return_outputs=False,
+        positions=batch.positions,
+        doc_ids=batch.doc_ids,
+        labels=batch.labels,
     )
 
 
@@ -227,7 +244,14 @@ def evaluate_pipeline(pipeline: Pipeline, params: TensorDict, batch) -> None:
     pipeline.sums.z.clear()
     args = (batch.input_ids,) if pipeline.first else ()
     target = batch.labels if pipeline.last else None
-    pipeline.schedule.eval(*args, target=target, positions=batch.positions, doc_ids=batch.doc_ids)
+    pipeline.schedule.eval(
+        *args,
+        target=target,
+        return_outputs=False,  # the last stage's outputs are its objective; the sums are kept aside
+        positions=batch.positions,
+        doc_ids=batch.doc_ids,
+        labels=batch.labels,
+    )
 
 
 def pipeline_sum(value: torch.Tensor, sharding: Sharding) -> torch.Tensor:

@@ -91,6 +91,7 @@ def _pipelines(settings: StepSettings, sharding: Sharding, *, forward_only: bool
                 seq_len=seq,
                 compute_dtype=settings.compute_dtype,
                 z_loss=settings.z_loss,
+                loss_chunk_tokens=settings.loss_chunk_tokens,
                 document_masking=settings.document_masking,
                 backend=settings.attention_backend,
                 device=batch.input_ids.device,

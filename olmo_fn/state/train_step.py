@@ -36,7 +36,6 @@ from olmo_fn.parallelize.placed_step import (
     model_view,
 )
 from olmo_fn.parallelize.tensor_parallel import tp_block_fn, tp_loss_sums
-from olmo_fn.runtime import LOSS_CHUNK_PIPELINE
 from olmo_fn.state.clip import clip_by_global_norm
 from olmo_fn.state.gradients import GradientFn, Gradients
 from olmo_fn.state.moe_terms import (
@@ -308,9 +307,6 @@ def make_train_step(settings: StepSettings, sharding: Sharding | None = None) ->
         return make_compiled_train_step(settings)
     if sharding is not None and sharding.pipeline is not None:
         from olmo_fn.state.pipeline_step import make_pipeline_gradient_fn
-
-        if settings.loss_chunk_tokens:
-            raise ConfigError(f"loss_chunk_tokens={settings.loss_chunk_tokens} {LOSS_CHUNK_PIPELINE}")
 
         gradient_fn = make_pipeline_gradient_fn(settings, sharding)
     else:

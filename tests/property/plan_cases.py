@@ -103,7 +103,7 @@ def cases(draw, world: int, shapes: list[MeshShape] | None = None) -> Case:
             micro,
             # recomputation composes with every plan; zero-bubble pipeline schedules refuse it
             ac=draw(st.sampled_from(["none", "full", "selective"])) if shape.pp == 1 else "none",
-            loss_chunk_tokens=draw(st.sampled_from([None, 3])) if shape.pp == 1 else None,
+            loss_chunk_tokens=draw(st.sampled_from([None, 3])),
         )
     )
     return Case(model, settings, tokens, EOS, shape, seed)
@@ -299,6 +299,21 @@ def _tp_loss_chunks_dropping_the_tail():
     return lambda: setattr(tp, "vocab_parallel_linear_cross_entropy_sums", real)
 
 
+def _pp_loss_chunks_dropping_the_tail():
+    """The last pipeline stage's chunked loss leaving out a last chunk shorter than the others."""
+    import olmo_fn.parallelize.pipeline as pipeline
+
+    real = pipeline.linear_cross_entropy_sums
+
+    def whole_chunks_only(h, w_out, labels, chunk_tokens, ignore_index=-100):
+        n = (labels.numel() // chunk_tokens) * chunk_tokens
+        h, labels = h.reshape(-1, h.shape[-1])[:n], labels.reshape(-1)[:n]
+        return real(h, w_out, labels, chunk_tokens, ignore_index)
+
+    pipeline.linear_cross_entropy_sums = whole_chunks_only
+    return lambda: setattr(pipeline, "linear_cross_entropy_sums", real)
+
+
 SABOTAGE = {
     "cp_keys_taken_as_contiguous": _context_parallel_keys_taken_as_contiguous,
     "cp_mask_without_cross_slice_documents": _context_parallel_mask_without_cross_slice_documents,
@@ -307,6 +322,7 @@ SABOTAGE = {
     "missing_qk_norm_reduction": _missing_qk_norm_reduction,
     "norm_grads_not_summed": _norm_gradients_not_summed_over_tp,
     "pp_grad_norm_not_summed": _pipeline_grad_norm_not_summed_over_stages,
+    "pp_loss_chunks_drop_tail": _pp_loss_chunks_dropping_the_tail,
     "pp_loss_sums_not_summed": _pipeline_loss_sums_not_summed_over_stages,
     "tp_loss_chunks_drop_tail": _tp_loss_chunks_dropping_the_tail,
 }

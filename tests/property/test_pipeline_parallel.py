@@ -3,7 +3,8 @@ after 3 optimizer steps, in float64 (tolerance 1e-10), under every schedule and 
 
 Hypothesis draws the schedule (GPipe, 1F1B, interleaved 1F1B, looped BFS, interleaved zero bubble,
 ZBV), the layer count (uneven splits included), the micro-batch count the schedule allows, and
-everything `plan_cases.cases` draws (documents, windows, QK-norm, block kind, clipping, z-loss).
+everything `plan_cases.cases` draws (documents, windows, QK-norm, block kind, clipping, z-loss, the
+last stage's loss whole or in chunks).
 """
 
 from __future__ import annotations
@@ -116,11 +117,16 @@ def test_pipeline_evaluation_equals_one_process(pools, schedule):
         np.testing.assert_allclose(got, want, rtol=1e-12)
 
 
-@pytest.mark.parametrize("sabotage", ["pp_loss_sums_not_summed", "pp_grad_norm_not_summed"])
+@pytest.mark.parametrize(
+    "sabotage", ["pp_loss_sums_not_summed", "pp_grad_norm_not_summed", "pp_loss_chunks_drop_tail"]
+)
 def test_the_property_catches_a_missing_sum_over_stages(pools, sabotage):
     """Negative control: the fixed example passes under PP 2 and fails when the loss sums, or the
-    gradient norm that clipping divides by, are left unsummed over the pipeline stages."""
-    case = _fixed_case(MeshShape(1, 1, 1, pp=2), PipelineSpec("1f1b", 1), n_layers=4, rows=4)
+    gradient norm that clipping divides by, are left unsummed over the pipeline stages, or when the
+    last stage's chunked loss (2 rows x 8 positions per micro-batch = 6 + 6 + 4) misses its tail."""
+    chunks = 6 if sabotage == "pp_loss_chunks_drop_tail" else None
+    spec = PipelineSpec("1f1b", 1)
+    case = _fixed_case(MeshShape(1, 1, 1, pp=2), spec, n_layers=4, rows=4, loss_chunk_tokens=chunks)
     check(pools(2), case)
     with pytest.raises(AssertionError, match="Not equal to tolerance"):
         check(pools(2), case, sabotage)
