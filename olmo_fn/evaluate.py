@@ -106,6 +106,18 @@ def _tokenizer_json_bytes(path: str, vocab_size: int) -> np.ndarray:
     return counts
 
 
+def eval_loss_sums(settings: StepSettings, sharding: Sharding | None = None):
+    """``loss_sums(params, batch) -> (ce_sum, z_sum, n_targets)`` as evaluation runs it: forward only,
+    eager (the eval batch shape differs from training's, and a compiled block would compile again).
+    Build it once per run: under pipeline parallelism it holds the stages and their schedule."""
+    eager = dataclasses.replace(settings, compile=False)
+    if sharding is not None and sharding.pipeline is not None:
+        from olmo_fn.state.pipeline_step import make_pipeline_loss_sums_fn
+
+        return make_pipeline_loss_sums_fn(eager, sharding)
+    return make_loss_sums_fn(eager, sharding)
+
+
 @torch.no_grad()
 def evaluate(
     params,
@@ -113,21 +125,18 @@ def evaluate(
     settings: StepSettings,
     device: torch.device,
     sharding: Sharding | None = None,
+    *,
+    loss_sums=None,
 ) -> dict[str, float]:
     """``eval/NAME/loss`` (mean cross-entropy, nats), ``.../bpb`` (bits per byte), ``.../tokens``.
 
     With a `sharding` (collective): every rank evaluates every batch with its placed parameters, so
     each has the whole result (simple, and the eval set is small next to training); context-parallel
-    ranks add up their slices."""
+    ranks add up their slices. loss_sums: `eval_loss_sums` of these settings, kept by the caller
+    between evaluations (None: built for this call)."""
     ce_total, targets, n_bytes = 0.0, 0, 0
-    # Eager: the eval batch shape differs from training's, and a compiled block would compile again.
-    eager = dataclasses.replace(settings, compile=False)
-    if sharding is not None and sharding.pipeline is not None:
-        from olmo_fn.state.pipeline_step import make_pipeline_loss_sums_fn
-
-        loss_sums = make_pipeline_loss_sums_fn(eager, sharding)
-    else:
-        loss_sums = make_loss_sums_fn(eager, sharding)
+    if loss_sums is None:
+        loss_sums = eval_loss_sums(settings, sharding)
     for batch in eval_data.batches:
         batch = batch.to(device)
         ce_sum, _, n = loss_sums(params, batch)

@@ -25,7 +25,7 @@ from olmo_fn.config import (
     math_differences,
 )
 from olmo_fn.errors import ConfigError, OlmoFnError
-from olmo_fn.evaluate import evaluate, open_eval_data
+from olmo_fn.evaluate import eval_loss_sums, evaluate, open_eval_data
 from olmo_fn.graph.flops import params_text
 from olmo_fn.in_loop_downstream import downstream_metrics, open_loop_tasks
 from olmo_fn.init_from import recorded_init_from, state_from_source
@@ -345,6 +345,7 @@ def _train(
         extra=observers,
     )
     evaluating = eval_data is not None or loop_tasks is not None
+    eval_sums = eval_loss_sums(settings, sharding) if eval_data is not None else None  # one per run
     if profiler is not None:
         step_fn = profiler.wrap(step_fn)
     with (
@@ -387,7 +388,9 @@ def _train(
             if evaluating and (state.step % cfg.eval.interval == 0 or state.step == cfg.steps):
                 started = time.perf_counter()
                 if eval_data is not None:
-                    row.update(evaluate(state.params, eval_data, settings, device, sharding))
+                    row.update(
+                        evaluate(state.params, eval_data, settings, device, sharding, loss_sums=eval_sums)
+                    )
                 if loop_tasks is not None:
                     scored = time.perf_counter()
                     row.update(downstream_metrics(state.params, loop_tasks, cfg.model, device))
