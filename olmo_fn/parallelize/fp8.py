@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import logging
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -36,6 +37,9 @@ class Float8Matmul:
     """torchao's float8 matmul: ``apply(x, weight_t, mm_config, config)``."""
 
 
+NEEDS_TORCHAO = "needs torchao: pip install 'olmo_fn[fp8]'"
+
+
 @functools.cache
 def float8_matmul(recipe: str, emulate: bool) -> Float8Matmul:
     """The torchao configuration of `recipe` (one object per recipe, shared by every layer, so a
@@ -54,9 +58,7 @@ def float8_matmul(recipe: str, emulate: bool) -> Float8Matmul:
             for logger, level in zip(quiet, levels, strict=True):
                 logger.setLevel(level)
     except ImportError as err:
-        raise ConfigError(
-            f"fp8={recipe} needs torchao: pip install 'olmo_fn[fp8]' (import failed: {err})"
-        ) from None
+        raise ConfigError(f"fp8={recipe} {NEEDS_TORCHAO} (import failed: {err})") from None
     config = dataclasses.replace(Float8LinearConfig.from_recipe_name(recipe), emulate=emulate)
     gemms = (config.gemm_config_output, config.gemm_config_grad_input, config.gemm_config_grad_weight)
     mm = LinearMMConfig(
@@ -103,11 +105,13 @@ def float8_view(p: Mapping[str, Any], matmul: Float8Matmul) -> dict[str, Any]:
 
 def fp8_problems(recipe: str, model_dims: tuple[int, ...]) -> list[str]:
     """Why `recipe` cannot run on a model whose matrices have these dimensions (float8 matmuls need
-    every dimension a multiple of 16)."""
+    every dimension a multiple of 16), or here (torchao not installed)."""
     if recipe not in ("none", "tensorwise", "rowwise"):
         return [f"fp8={recipe!r} must be none, tensorwise or rowwise"]
     if recipe == "none":
         return []
+    if importlib.util.find_spec("torchao") is None:  # looked up, not imported
+        return [f"fp8={recipe} {NEEDS_TORCHAO}"]
     bad = sorted({d for d in model_dims if d % 16})
     if bad:
         return [
