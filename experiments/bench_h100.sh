@@ -4,17 +4,23 @@
 # OLMo-core's figures to beat (H100, torch 2.11, DESIGN.md): OLMo2-1B seq 4096 micro-batch 4 bf16
 # 50,480 tokens/s, 53.1 GiB, first step 14.7 s; fp8 46,266 tokens/s; OLMo2-190M micro-batch 8 274,565.
 #
-#   bash experiments/bench_h100.sh [OUT_DIR]          # the GPU table (about 10 minutes on an H100)
-#   bash experiments/bench_h100.sh --cpu [OUT_DIR]    # the same rows at tiny sizes, eager, on a CPU
+#   bash experiments/bench_h100.sh [OUT_DIR] [ROW ...]        # the GPU table, or only the named rows
+#   bash experiments/bench_h100.sh --cpu [OUT_DIR] [ROW ...]  # the same rows at tiny sizes, eager, on a CPU
 #
-# Results go to OUT_DIR (default bench-results/): results.jsonl (one line per row, with its name),
-# and profile-*/profile.txt for the profiled rows. Run from the repository root.
+# Results go to OUT_DIR (default bench-results/): results.jsonl (one line per row, with its name,
+# written as each row ends, so a run cut short keeps the rows it finished; the whole table starts
+# the file afresh, named rows are added to it), and
+# profile-*/profile.txt for the profiled rows. ROW_TIMEOUT=S stops a row after S seconds (it is then
+# recorded as failed). Run from the repository root; experiments/gpu_session.sh splits the table
+# into calls that fit a lent GPU's time.
 set -euo pipefail
 CPU=0
 if [ "${1:-}" = "--cpu" ]; then CPU=1; shift; fi
 OUT=${1:-bench-results}
+shift || true
+ONLY=("$@")
 mkdir -p "$OUT"
-: > "$OUT/results.jsonl"
+if [ "${#ONLY[@]}" -eq 0 ]; then : > "$OUT/results.jsonl"; else touch "$OUT/results.jsonl"; fi
 PYTHON=${PYTHON:-python}
 
 ONE_B="--preset olmo2-1b --seq-len 4096 --micro-batch-size 4 --steps 20 --warmup 5"
@@ -38,9 +44,19 @@ ROWS=(
   "moe-olmoe-4-layers-bf16|$MOE"
 )
 
+NAMES=" "
+for row in "${ROWS[@]}"; do NAMES+="${row%%|*} "; done
+for wanted in "${ONLY[@]}"; do
+  case "$NAMES" in
+    *" $wanted "*) ;;
+    *) echo "error: no row named '$wanted'; the rows are:$NAMES" >&2; exit 2;;
+  esac
+done
+
 for row in "${ROWS[@]}"; do
   name=${row%%|*}
   args=${row#*|}
+  if [ "${#ONLY[@]}" -gt 0 ] && [[ " ${ONLY[*]} " != *" $name "* ]]; then continue; fi
   if [ "$CPU" = 1 ]; then
     # tiny shapes, a few steps, eager (a cold compile per row would dominate on a CPU)
     tiny=olmo2-tiny; case "$name" in moe-*) tiny=olmoe-tiny;; esac
@@ -50,10 +66,10 @@ for row in "${ROWS[@]}"; do
     args="$args --compile off"
   fi
   echo "== $name: bench $args" >&2
-  if line=$($PYTHON -m olmo_fn.run bench $args | tail -n 1); then
+  if line=$(timeout "${ROW_TIMEOUT:-0}" $PYTHON -m olmo_fn.run bench $args | tail -n 1); then
     echo "{\"row\": \"$name\", \"result\": $line}" >> "$OUT/results.jsonl"
   else
     echo "{\"row\": \"$name\", \"failed\": true}" >> "$OUT/results.jsonl"
   fi
 done
-echo "wrote $OUT/results.jsonl ($(wc -l < "$OUT/results.jsonl") rows); record the figures in BENCHMARKS.md" >&2
+echo "wrote $OUT/results.jsonl ($(wc -l < "$OUT/results.jsonl") rows in all); record the figures in BENCHMARKS.md" >&2

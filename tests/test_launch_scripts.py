@@ -43,25 +43,29 @@ def test_bench_h100_script_rows_are_valid_bench_commands():
         assert cfg.preset in ("olmo2-1b", "olmo2-190m", "olmoe-1b-7b"), name
 
 
-def test_bench_h100_script_cpu_variant_runs(tmp_path):
-    """The CPU-sized variant of the comparison: every row runs and reports ac, fp8, compile, memory."""
+def test_gpu_session_cpu_variant_runs_every_row_of_the_table_once(tmp_path):
+    """experiments/gpu_session.sh at CPU sizes: its two calls together run each row of bench_h100.sh
+    once, and every row reports ac, fp8, compile and memory; a row name the table lacks is refused."""
     import json
     import os
     import sys
 
     env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
     out = tmp_path / "results"
-    done = subprocess.run(
-        ["bash", str(ROOT / "experiments/bench_h100.sh"), "--cpu", str(out)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
+    for part in ("1", "2"):
+        done = subprocess.run(
+            ["bash", str(ROOT / "experiments/gpu_session.sh"), "--cpu", str(out), part],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=ROOT,
+            timeout=600,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert len(rows) == 13 and not [r for r in rows if r.get("failed")], rows
+    table = re.findall(r'^  "([\w-]+)\|', (ROOT / "experiments/bench_h100.sh").read_text(), re.M)
+    assert sorted(r["row"] for r in rows) == sorted(table) and len(table) == 13
+    assert not [r for r in rows if r.get("failed")], rows
     by_name = {r["row"]: r["result"] for r in rows}
     assert by_name["1b-fp8-tensorwise"]["fp8"] == "tensorwise (emulated)"
     assert by_name["1b-bf16-ac-selective"]["ac"] == "selective"
@@ -69,3 +73,12 @@ def test_bench_h100_script_cpu_variant_runs(tmp_path):
     assert (moe["n_experts"], moe["top_k"]) == (8, 2) and moe["active_params"] < moe["params"]
     assert all(r["result"]["peak_mem_gib"] > 0 and r["result"]["tokens_per_s"] > 0 for r in rows)
     assert (out / "profile-1b-bf16" / "profile.txt").read_text().count("aten::mm") >= 1
+    assert "torch " in (out / "env.txt").read_text()
+    wrong = subprocess.run(
+        ["bash", str(ROOT / "experiments/bench_h100.sh"), "--cpu", str(out), "1b-bf17"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
+    assert wrong.returncode == 2 and "no row named '1b-bf17'; the rows are: 1b-bf16 " in wrong.stderr
