@@ -4,10 +4,11 @@ run by a `torch.distributed.pipelining` schedule.
 A stage (`pipeline_stages`) holds consecutive blocks; the first also embeds the token ids, the last
 also applies the final norm, the LM head and the loss, and returns the micro-batch's share of the
 objective (a scalar), which the schedule's loss function hands back as it is. So the last stage makes
-its logits exactly as one process does: all at once, or chunk by chunk (`loss_chunk_tokens`) without
-ever holding a micro-batch's whole logits. Only the hidden states travel between stages; the RoPE positions,
-document ids and labels of each micro-batch are given to every stage by its own rank (every pipeline
-rank reads the same rows), so each stage builds its layers' masks itself.
+its logits as one process does: all at once, or chunk by chunk (`loss_chunk_tokens`, each chunk
+recomputed in backward: `recomputed_chunks`) without ever holding a micro-batch's whole logits.
+Only the hidden states travel between stages; the RoPE positions, document ids and labels of each
+micro-batch are given to every stage by its own rank (every pipeline rank reads the same rows), so
+each stage builds its layers' masks itself.
 
 torch's schedules call a module: `_StageModule` is that calling convention and nothing more. It owns
 no tensors; its `parameters()` are the stage's leaves of the train state's tree (read at each step),
@@ -33,13 +34,14 @@ from tensordict import TensorDict
 from torch import nn
 from torch.distributed import pipelining
 
-from olmo_fn.graph.loss import cross_entropy_sums, linear_cross_entropy_sums
+from olmo_fn.graph.loss import cross_entropy_sums
 from olmo_fn.graph.model import BlockFn, layer_inputs
 from olmo_fn.graph.norms import rms_norm
 from olmo_fn.graph.param_tree import flatten
 from olmo_fn.parallelize.compute_layout import to_compute, tree_to_compute
 from olmo_fn.parallelize.pipeline_stages import rank_stages, stage_layers
 from olmo_fn.parallelize.placed_step import Sharding, _StoredBlock
+from olmo_fn.parallelize.recomputed_chunks import recomputed_chunk_sums
 from olmo_fn.parallelize.tensor_parallel import (
     gather_seq,
     vocab_parallel_embedding,
@@ -156,8 +158,10 @@ def build_pipeline(
                 ce, z, _ = vocab_parallel_linear_cross_entropy_sums(
                     gather_seq(h, tp), head["w_out"], labels, tp, loss_chunk_tokens
                 )
-            elif loss_chunk_tokens:
-                ce, z, _ = linear_cross_entropy_sums(h, head["w_out"], labels, loss_chunk_tokens)
+            elif loss_chunk_tokens:  # recomputed by checkpoint: see recomputed_chunks on zero bubble
+                ce, z, _ = recomputed_chunk_sums(
+                    h, head["w_out"], labels, loss_chunk_tokens, cross_entropy_sums
+                )
             else:
                 ce, z, _ = cross_entropy_sums(h @ head["w_out"].T, labels)
             sums_of_step.ce.append(ce.detach())

@@ -28,7 +28,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from olmo_fn.graph.attention import attend
 from olmo_fn.graph.config import ModelConfig
@@ -40,6 +39,7 @@ from olmo_fn.graph.norms import rms_norm
 from olmo_fn.graph.rope import apply_rope
 from olmo_fn.parallelize.axis_group import AxisGroup
 from olmo_fn.parallelize.context_parallel import gather_keys
+from olmo_fn.parallelize.recomputed_chunks import recomputed_chunk_sums
 from olmo_fn.parallelize.split_collectives import gather_along, reduce_scatter_along
 
 # ---- the collectives, each with the backward that keeps gradients exact -------------------------
@@ -209,19 +209,11 @@ def vocab_parallel_linear_cross_entropy_sums(
     """
     if not chunk_tokens:
         return vocab_parallel_cross_entropy_sums(h @ w_out.T, labels, tp, ignore_index)
-    h, labels = h.reshape(-1, h.shape[-1]), labels.reshape(-1)
 
-    def chunk_sums(h_chunk, w, labels_chunk):
-        return vocab_parallel_cross_entropy_sums(h_chunk @ w.T, labels_chunk, tp, ignore_index)
+    def sums(logits, labels_chunk):
+        return vocab_parallel_cross_entropy_sums(logits, labels_chunk, tp, ignore_index)
 
-    sums = [
-        checkpoint(
-            chunk_sums, h[i : i + chunk_tokens], w_out, labels[i : i + chunk_tokens], use_reentrant=False
-        )
-        for i in range(0, h.shape[0], chunk_tokens)
-    ]
-    ce, z, n = (torch.stack(parts).sum() for parts in zip(*sums, strict=True))
-    return ce, z, n
+    return recomputed_chunk_sums(h, w_out, labels, chunk_tokens, sums)
 
 
 def tp_loss_sums(

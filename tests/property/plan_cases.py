@@ -303,15 +303,14 @@ def _pp_loss_chunks_dropping_the_tail():
     """The last pipeline stage's chunked loss leaving out a last chunk shorter than the others."""
     import olmo_fn.parallelize.pipeline as pipeline
 
-    real = pipeline.linear_cross_entropy_sums
+    real = pipeline.recomputed_chunk_sums
 
-    def whole_chunks_only(h, w_out, labels, chunk_tokens, ignore_index=-100):
+    def whole_chunks_only(h, w_out, labels, chunk_tokens, sums):
         n = (labels.numel() // chunk_tokens) * chunk_tokens
-        h, labels = h.reshape(-1, h.shape[-1])[:n], labels.reshape(-1)[:n]
-        return real(h, w_out, labels, chunk_tokens, ignore_index)
+        return real(h.reshape(-1, h.shape[-1])[:n], w_out, labels.reshape(-1)[:n], chunk_tokens, sums)
 
-    pipeline.linear_cross_entropy_sums = whole_chunks_only
-    return lambda: setattr(pipeline, "linear_cross_entropy_sums", real)
+    pipeline.recomputed_chunk_sums = whole_chunks_only
+    return lambda: setattr(pipeline, "recomputed_chunk_sums", real)
 
 
 SABOTAGE = {

@@ -117,6 +117,18 @@ def test_pipeline_evaluation_equals_one_process(pools, schedule):
         np.testing.assert_allclose(got, want, rtol=1e-12)
 
 
+@pytest.mark.parametrize("schedule", ["interleaved-zb", "zbv"])
+@pytest.mark.parametrize(
+    "shape", [MeshShape(1, 1, 1, pp=2), MeshShape(1, 1, 2, pp=2)], ids=["PP 2", "PP 2 x TP 2"]
+)
+def test_zero_bubble_schedules_with_the_chunked_loss_equal_one_process(pools, schedule, shape):
+    """The split backward (inputs, then weights) through the last stage's recomputed loss chunks, with
+    and without the vocabulary-parallel loss: a fixed example, beside the drawn ones."""
+    spec = PipelineSpec(schedule, STAGES_PER_RANK[schedule])
+    case = _fixed_case(shape, spec, n_layers=4, rows=4, loss_chunk_tokens=6)
+    check(pools(shape.world), case)
+
+
 @pytest.mark.parametrize(
     "sabotage", ["pp_loss_sums_not_summed", "pp_grad_norm_not_summed", "pp_loss_chunks_drop_tail"]
 )
