@@ -40,7 +40,7 @@ from olmo_fn.graph.norms import rms_norm
 from olmo_fn.graph.param_tree import flatten
 from olmo_fn.parallelize.compute_layout import to_compute, tree_to_compute
 from olmo_fn.parallelize.pipeline_stages import rank_stages, stage_layers
-from olmo_fn.parallelize.placed_step import Sharding, _StoredBlock
+from olmo_fn.parallelize.placed_step import Sharding, StoredBlock
 from olmo_fn.parallelize.recomputed_chunks import recomputed_chunk_sums
 from olmo_fn.parallelize.tensor_parallel import (
     gather_seq,
@@ -121,7 +121,7 @@ def build_pipeline(
     forward_only: bool = False,
 ) -> Pipeline:
     """This rank's stages and the schedule `sharding.pipeline` names, for micro-batches of
-    ``(micro_batch_rows, seq_len)``. block_fn: runs one ``_StoredBlock`` (gathering it first);
+    ``(micro_batch_rows, seq_len)``. block_fn: runs one ``StoredBlock`` (gathering it first);
     loss_chunk_tokens: the last stage's LM head and loss that many positions at a time (None: all).
 
     `forward_only` (evaluation): a schedule that takes any micro-batch count and places the stages
@@ -148,7 +148,7 @@ def build_pipeline(
             masked = {"positions": positions, "doc_ids": doc_ids} if document_masking else {}
             rope, masks = layer_inputs(positions, cfg, list(layers[stage]), backend=backend, **masked)
             for layer in layers[stage]:
-                stored = _StoredBlock(params["blocks"][str(layer)], sharding.block_rules)
+                stored = StoredBlock(params["blocks"][str(layer)], sharding.block_rules)
                 x = block_fn(stored, x, rope, masks[layer], cfg)
             if stage < n_stages - 1:
                 return x

@@ -95,7 +95,7 @@ class Sharding:
 
 
 @dataclasses.dataclass(frozen=True)
-class _StoredBlock:
+class StoredBlock:
     """One ``blocks.{i}`` subtree as stored, with the (shared) rules of its parameters; the block
     function gathers it when it runs."""
 
@@ -109,7 +109,7 @@ def model_view(params: TensorDict, sharding: Sharding) -> dict[str, Any]:
     keys = list(params.keys())  # a TensorDict iterates only through keys()
     view = tree_to_compute({k: params[k] for k in keys if k != "blocks"}, "", sharding.plan, sharding.rules)
     blocks = params["blocks"]
-    view["blocks"] = {key: _StoredBlock(blocks[key], sharding.block_rules) for key in list(blocks.keys())}
+    view["blocks"] = {key: StoredBlock(blocks[key], sharding.block_rules) for key in list(blocks.keys())}
     return view
 
 
@@ -120,7 +120,7 @@ def gathering_block(
     checkpointing: ActivationCheckpointing,
     float8: Float8Matmul | None = None,
 ) -> BlockFn:
-    """`block_fn` run on a `_StoredBlock`, gathered to its compute layout first, under the activation
+    """`block_fn` run on a `StoredBlock`, gathered to its compute layout first, under the activation
     checkpointing policy `checkpointing` applied to gather and block together.
 
     ``selective`` gives FSDP's reshard-after-forward: the gathered weights are not kept for backward
@@ -140,7 +140,7 @@ def gathering_block(
                 return float8_gather(stored, rule, plan, float8)
             return to_compute(stored, rule, plan)
 
-    def gather_and_run(stored: _StoredBlock, x, rope, mask, cfg):
+    def gather_and_run(stored: StoredBlock, x, rope, mask, cfg):
         params = tree_to_compute(stored.tree, "", sharding.plan, stored.rules, gather)
         return block_fn(params, x, rope, mask, cfg)
 
