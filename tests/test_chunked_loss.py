@@ -96,9 +96,9 @@ def test_bfloat16_chunked_loss_is_close_to_the_whole_logits():
         torch.testing.assert_close(g.float(), e.float(), rtol=2e-2, atol=2e-2)
 
 
-def test_pipeline_parallel_takes_chunks_as_one_process_does():
+def test_pipeline_parallel_accepts_loss_chunks():
     """Chunks are a setting of the last stage's loss like any other: accepted under pipeline
-    parallelism, and chosen automatically by the same rule (the property tests check the values)."""
+    parallelism, and chosen automatically by one rule (the PP properties check the values)."""
     from olmo_fn.config import TrainConfig
     from olmo_fn.parallelize.parallel_config import ParallelConfig
     from olmo_fn.runtime import AUTO_LOSS_CHUNK_TOKENS, resolve_loss_chunk

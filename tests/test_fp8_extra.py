@@ -42,3 +42,5 @@ def test_fp8_without_torchao_is_one_line_naming_the_extra(tmp_path, capsys, monk
         capsys.readouterr().err
     )
     assert not run_dir.exists()
+    assert main(["bench", "--fp8", "rowwise", "--steps", "2"]) == 2
+    assert "fp8=rowwise needs torchao: pip install 'olmo_fn[fp8]'" in one_error_line(capsys.readouterr().err)

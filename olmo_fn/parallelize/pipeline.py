@@ -158,12 +158,10 @@ def build_pipeline(
                 ce, z, _ = vocab_parallel_linear_cross_entropy_sums(
                     gather_seq(h, tp), head["w_out"], labels, tp, loss_chunk_tokens
                 )
-            elif loss_chunk_tokens:  # recomputed by checkpoint: see recomputed_chunks on zero bubble
+            else:  # chunks recomputed by checkpoint, not graph.loss's function: see recomputed_chunks
                 ce, z, _ = recomputed_chunk_sums(
                     h, head["w_out"], labels, loss_chunk_tokens, cross_entropy_sums
                 )
-            else:
-                ce, z, _ = cross_entropy_sums(h @ head["w_out"].T, labels)
             sums_of_step.ce.append(ce.detach())
             sums_of_step.z.append(z.detach())
             return (ce + z_loss * z) / sums_of_step.n_targets
@@ -190,12 +188,13 @@ def build_pipeline(
     def example(size, dtype=compute_dtype, grad=True):
         return torch.empty(size, dtype=dtype, device=device, requires_grad=grad)
 
+    objective = example((), torch.promote_types(compute_dtype, torch.float32))  # the last stage's output
+
     stages = []
     for stage in mine:
         inputs = (
             (example((micro_batch_rows, seq_len), torch.long, False),) if stage == 0 else (example(hidden),)
         )
-        objective = example((), torch.promote_types(compute_dtype, torch.float32))  # the last stage's
         outputs = (objective,) if stage == n_stages - 1 else (example(hidden),)
         module = _StageModule(stage_forward(stage), stage_leaves(stage))
         stages.append(
@@ -228,7 +227,7 @@ def run_pipeline(pipeline: Pipeline, params: TensorDict, batch, n_targets: torch
     pipeline.sums.ce.clear()
     pipeline.sums.z.clear()
     args = (batch.input_ids,) if pipeline.first else ()
-    target = batch.labels if pipeline.last else None
+    target = batch.labels if pipeline.last else None  # only so that torch calls `loss_fn`
     pipeline.schedule.step(
         *args,
         target=target,

@@ -21,12 +21,15 @@ ChunkSums = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Ten
 
 
 def recomputed_chunk_sums(
-    h: torch.Tensor, w_out: torch.Tensor, labels: torch.Tensor, chunk_tokens: int, sums: ChunkSums
+    h: torch.Tensor, w_out: torch.Tensor, labels: torch.Tensor, chunk_tokens: int | None, sums: ChunkSums
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`sums` of ``h @ w_out.T`` and `labels`, added up over chunks of `chunk_tokens` positions.
+    """`sums` of ``h @ w_out.T`` and `labels`, added up over chunks of `chunk_tokens` positions
+    (None or 0: all positions at once, nothing recomputed).
 
     h: (..., d_model), every position; w_out: (vocab or this rank's share, d_model); labels: (...).
     The last chunk may be shorter."""
+    if not chunk_tokens:
+        return sums(h @ w_out.T, labels)
     h, labels = h.reshape(-1, h.shape[-1]), labels.reshape(-1)
 
     def chunk_sums(h_chunk, w, labels_chunk):

@@ -207,8 +207,6 @@ def vocab_parallel_linear_cross_entropy_sums(
     never holds more than one chunk's logits (or their gradient) at once; the collectives of a chunk
     run again in its recomputation, in the same order on every rank. None: all positions at once.
     """
-    if not chunk_tokens:
-        return vocab_parallel_cross_entropy_sums(h @ w_out.T, labels, tp, ignore_index)
 
     def sums(logits, labels_chunk):
         return vocab_parallel_cross_entropy_sums(logits, labels_chunk, tp, ignore_index)

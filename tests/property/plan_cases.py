@@ -306,6 +306,8 @@ def _pp_loss_chunks_dropping_the_tail():
     real = pipeline.recomputed_chunk_sums
 
     def whole_chunks_only(h, w_out, labels, chunk_tokens, sums):
+        if not chunk_tokens:
+            return real(h, w_out, labels, chunk_tokens, sums)
         n = (labels.numel() // chunk_tokens) * chunk_tokens
         return real(h.reshape(-1, h.shape[-1])[:n], w_out, labels.reshape(-1)[:n], chunk_tokens, sums)
 
